@@ -1,0 +1,174 @@
+"""The AdaPreLoRA step and its relatives in closed form, batched over LoRA modules of one shape.
+
+Every function here works on stacks of `k` modules that share `(m, n, r)`: `A` is `(k, r, n)`,
+`B` is `(k, m, r)`, gradients have the factors' shapes, `d1` is `(k, m)` and `d2` is `(k, n)`.
+The notation follows `shared/design/adaprelora.md`: `Ga = A.grad / s = B^T G`,
+`Gb = B.grad / s = G A^T`, and `G` (m x n) is never formed. Batching the r x r work with `bmm`
+is what keeps the optimizer step cheap next to forward and backward: a Python loop of tiny
+kernels per module would be dominated by launch overhead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "adafactor_scales",
+    "relative_damping",
+    "damped_inverse",
+    "preconditioned_step",
+    "tangent_statistics",
+    "w_step_sq_norm",
+    "lorapro_step",
+]
+
+# Added to every damping so an all-zero factor (B = 0 at init) never gives a singular system.
+_TINY = 1e-30
+
+
+def _t(x: Tensor) -> Tensor:
+    return x.transpose(-1, -2)
+
+
+def _add_diag(K: Tensor, delta: Tensor) -> Tensor:
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    return K + delta[:, None, None] * eye
+
+
+def _symmetric(K: Tensor) -> Tensor:
+    return 0.5 * (K + _t(K))
+
+
+def adafactor_scales(rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Turn row/column second-moment sums into the diagonal factors of H.
+
+    With `S = sum(rows)` (= `sum(cols)` when both come from the same G; for noisy sketches the
+    mean of the two sums is used), `d1 = sqrt(rows) / S**0.25` and `d2 = sqrt(cols) / S**0.25`
+    so that `d1_i * d2_j = sqrt(V_ij)` for Adafactor's rank-1 `V = rows cols^T / S`.
+    """
+    total = 0.5 * (rows.sum(-1) + cols.sum(-1))
+    quarter = total.clamp_min(_TINY).pow(0.25)[:, None]
+    return rows.sqrt() / quarter, cols.sqrt() / quarter
+
+
+def relative_damping(KB: Tensor, KA: Tensor, damping: float) -> Tensor:
+    """Damping added to both r x r systems, relative to their mean diagonal.
+
+    `delta = (damping + machine_eps) * (trace(KB) + trace(KA)) / (2 r)`, per module. Relative,
+    so it is invariant to the scale of the statistics; averaged over both factors, so it is
+    positive at `B = 0` (where `trace(KB) = 0`) and keeps `KB^{-1}` from exploding while B
+    grows from zero (the hazard described in the design note). The machine-epsilon floor
+    makes `damping=0` usable at `B = 0`, where the right-hand side of the A-solve is exactly 0.
+    """
+    r = KB.shape[-1]
+    mean_diag = (torch.diagonal(KB, dim1=-2, dim2=-1).sum(-1) + torch.diagonal(KA, dim1=-2, dim2=-1).sum(-1)) / (2 * r)
+    return (damping + torch.finfo(KB.dtype).eps) * mean_diag + _TINY
+
+
+def damped_inverse(K: Tensor, delta: Tensor) -> Tensor:
+    """Inverse of the symmetric positive semi-definite `K + delta I`, batched.
+
+    `inv_ex` does not synchronise with the device to check for errors; with `delta > 0` the
+    matrix is positive definite, so there is nothing to check.
+    """
+    return torch.linalg.inv_ex(_add_diag(_symmetric(K), delta))[0]
+
+
+def preconditioned_step(
+    A: Tensor,
+    B: Tensor,
+    Ga: Tensor,
+    Gb: Tensor,
+    d1: Tensor,
+    d2: Tensor,
+    *,
+    balance: float = 0.5,
+    damping: float = 0.1,
+) -> tuple[Tensor, Tensor]:
+    """Factor directions `(dA, dB)` of the H-preconditioned LoRA step.
+
+    Solves the normal equations `J* H J d = J* G` with `H(Z) = diag(d1) Z diag(d2)` and picks
+    the gauge that gives fraction `balance` (c) of the common part `P_B (.) P_A` to B:
+
+        KB = B^T diag(d1) B + delta I,  KA = A diag(d2) A^T + delta I
+        dA = KB^-1 [ Ga / d2 - (1 - c) (Ga A^T) KA^-1 A ]
+        dB = [ Gb / d1 - c B KB^-1 (B^T Gb) ] KA^-1
+
+    W moves by `B dA + dB A`, the H-orthogonal projection of `H^-1 G` onto the tangent space.
+    `Ga A^T` and `B^T Gb` are equal for true gradients; they differ when momenta are passed in,
+    and each solve uses the one built from its own factor's gradient. Cost per module:
+    O((m + n) r^2 + r^3); nothing of size m x n is formed.
+    """
+    KB = torch.bmm(_t(B), d1[:, :, None] * B)
+    KA = torch.bmm(A * d2[:, None, :], _t(A))
+    delta = relative_damping(KB, KA, damping)
+    KB_inv = damped_inverse(KB, delta)
+    KA_inv = damped_inverse(KA, delta)
+    core_a = torch.bmm(Ga, _t(A))
+    core_b = torch.bmm(_t(B), Gb)
+    rhs_a = Ga / d2[:, None, :] - (1.0 - balance) * torch.bmm(torch.bmm(core_a, KA_inv), A)
+    dA = torch.bmm(KB_inv, rhs_a)
+    rhs_b = Gb / d1[:, :, None] - balance * torch.bmm(B, torch.bmm(KB_inv, core_b))
+    dB = torch.bmm(rhs_b, KA_inv)
+    return dA, dB
+
+
+def _projection_parts(A: Tensor, B: Tensor, Ga: Tensor, Gb: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`M1 = (B^T B)^-1 Ga`, `N = (I - P_B) Gb (A A^T)^-1`, and the two damped Gram matrices.
+
+    These are the two pieces of the Frobenius projection `P_B G + G P_A - P_B G P_A = B M1 + N A`
+    of the (unknown) full gradient G onto the tangent space, computable from Ga and Gb alone.
+    """
+    BtB = torch.bmm(_t(B), B)
+    AAt = torch.bmm(A, _t(A))
+    delta = relative_damping(BtB, AAt, damping)
+    BtB_inv = damped_inverse(BtB, delta)
+    AAt_inv = damped_inverse(AAt, delta)
+    M1 = torch.bmm(BtB_inv, Ga)
+    Gb_perp = Gb - torch.bmm(B, torch.bmm(BtB_inv, torch.bmm(_t(B), Gb)))
+    N = torch.bmm(Gb_perp, AAt_inv)
+    return M1, N, _add_diag(BtB, delta), _add_diag(AAt, delta)
+
+
+def tangent_statistics(A: Tensor, B: Tensor, Ga: Tensor, Gb: Tensor, damping: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Row and column sums of `Ghat * Ghat`, `Ghat` the Frobenius projection of G onto T.
+
+    `Ghat = U V` with `U = [B, N]` (m x 2r) and `V = [M1; A]` (2r x n), so
+    `rows = rowsum((U (V V^T)) * U)` and `cols = colsum(V * ((U^T U) V))` cost O((m + n) r^2).
+    Biased (it only sees G's part in the tangent space) but needs no hooks.
+    """
+    M1, N, _, _ = _projection_parts(A, B, Ga, Gb, damping)
+    U = torch.cat([B, N], dim=-1)
+    V = torch.cat([M1, A], dim=-2)
+    rows = (torch.bmm(U, torch.bmm(V, _t(V))) * U).sum(-1)
+    cols = (V * torch.bmm(torch.bmm(_t(U), U), V)).sum(-2)
+    return rows, cols
+
+
+def w_step_sq_norm(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> Tensor:
+    """`||B dA + dB A||_F^2` per module without forming the m x n step.
+
+    With `U = [B, dB]` and `V = [dA; A]` the step is `U V`, and
+    `||U V||_F^2 = trace((U^T U)(V V^T)) = sum((U^T U) * (V V^T))` (both symmetric).
+    """
+    U = torch.cat([B, dB], dim=-1)
+    V = torch.cat([dA, A], dim=-2)
+    return (torch.bmm(_t(U), U) * torch.bmm(V, _t(V))).sum((-1, -2)).clamp_min(0.0)
+
+
+def lorapro_step(A: Tensor, B: Tensor, Ga: Tensor, Gb: Tensor, *, damping: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """LoRA-Pro's factor directions (SGD form): W moves by the Frobenius projection of G.
+
+    Particular solution `dA0 = (B^T B)^-1 Ga`, `dB0 = (I - P_B) Gb (A A^T)^-1`; the gauge
+    `(dA0 + X A, dB0 - B X)` that stays closest to the plain LoRA gradients solves the
+    Sylvester equation `B^T B X + X A A^T = -(B^T B)^-1 Ga A^T`, done here through the
+    eigendecompositions of the two r x r Gram matrices.
+    """
+    M1, N, BtB, AAt = _projection_parts(A, B, Ga, Gb, damping)
+    rhs = -torch.bmm(M1, _t(A))
+    lb, P = torch.linalg.eigh(_symmetric(BtB))
+    la, Q = torch.linalg.eigh(_symmetric(AAt))
+    denom = (lb[:, :, None] + la[:, None, :]).clamp_min(_TINY)
+    X = torch.bmm(torch.bmm(P, torch.bmm(torch.bmm(_t(P), rhs), Q) / denom), _t(Q))
+    return M1 + torch.bmm(X, A), N - torch.bmm(B, X)

@@ -1,0 +1,163 @@
+"""Row/column sums of `G * G` for LoRA layers, gathered by forward and backward hooks.
+
+The AdaPreLoRA update itself needs only the factor gradients, but Adafactor's statistics need
+the row and column sums of the squared full gradient `G = dL/dW`, which autograd never forms.
+For a layer with (post-dropout) input X (T x n) and output gradient D (T x m), `G = D^T X`.
+A forward hook on `lora_A` keeps X (autograd keeps it anyway for `lora_A.weight.grad`), a
+forward hook on `lora_B` attaches a tensor hook to its output, and that tensor hook reduces
+G, or a Gaussian sketch of it, to m + n numbers while the backward pass runs.
+
+- "exact": form G one layer at a time (one extra matmul per layer), reduce, free.
+- "sketch": `rows ~ ||(D^T (X S1))_i||^2`, `cols ~ ||((D S2)^T X)_:,j||^2` with fresh Gaussian
+  S1 (n x k), S2 (m x k), entries N(0, 1/k): unbiased, O(T (m + n) k).
+
+The hooks see the gradient before anything rescales it (a GradScaler's unscale, gradient
+clipping, DDP averaging). So each hook also accumulates `grad_z^T h`, exactly what autograd
+adds to `lora_B.weight.grad`; comparing it with the gradient the optimizer finally receives
+gives the factor by which the statistics must be rescaled (see `AdaPreLoRA._fresh_statistics`).
+
+Several backward passes before one step (gradient accumulation) are combined as
+`count * sum_i G_i^2`: equal to `G^2` when the micro-batch gradients agree, and Adafactor's
+second-moment estimate `E[g^2]` when they do not.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.grad import conv2d_weight
+
+from .pairs import LoraPair
+
+__all__ = ["HookStatistics", "STATS_MODES"]
+
+STATS_MODES = ("exact", "sketch", "tangent")
+
+
+class HookStatistics:
+    """Installs the hooks for a list of pairs and holds what they gathered since the last step.
+
+    `fresh[i]` is `None` or `[rows (m,), cols (n,), ref (m, r), count]` for `pairs[i]`, in
+    at least float32, allocated on the first backward after a reset and dropped by `reset()`, so the
+    buffers live only as long as gradients do.
+    """
+
+    def __init__(self, pairs: list[LoraPair], mode: str, sketch_dim: int = 16, seed: int = 0):
+        if mode not in ("exact", "sketch"):
+            raise ValueError(f"HookStatistics needs mode 'exact' or 'sketch', got {mode!r}.")
+        self.pairs = pairs
+        self.mode = mode
+        self.sketch_dim = sketch_dim
+        self.seed = seed
+        self.fresh: list[list | None] = [None] * len(pairs)
+        self._generators: dict[str, torch.Generator] = {}
+        self._handles = []
+        for index, pair in enumerate(pairs):
+            self._install(index, pair)
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _install(self, index: int, pair: LoraPair) -> None:
+        a_mod = pair.module.lora_A[pair.adapter]
+        b_mod = pair.module.lora_B[pair.adapter]
+        slot: dict[str, Tensor] = {}
+
+        def keep_input(module, args, output):
+            if torch.is_grad_enabled():
+                slot["x"] = args[0]
+
+        def attach(module, args, output):
+            x = slot.pop("x", None)
+            if x is None or not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            output.register_hook(partial(self._accumulate, index, x, args[0]))
+
+        self._handles.append(a_mod.register_forward_hook(keep_input))
+        self._handles.append(b_mod.register_forward_hook(attach))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def _gaussian(self, rows: int, cols: int, like: Tensor) -> Tensor:
+        g = torch.randn(rows, cols, generator=self._generator(like.device), device=like.device, dtype=like.dtype)
+        return g.mul_(1.0 / math.sqrt(cols))
+
+    @torch.no_grad()
+    def _accumulate(self, index: int, x: Tensor, h: Tensor, grad_z: Tensor) -> None:
+        pair = self.pairs[index]
+        m, n, r = pair.shape
+        dtype = torch.promote_types(grad_z.dtype, torch.float32)  # at least float32, float64 stays
+        x, h, grad_z = x.to(dtype), h.to(dtype), grad_z.to(dtype)
+        if pair.kind == "linear":
+            ref = grad_z.reshape(-1, m).T @ h.reshape(-1, r)
+            rows, cols = self._linear_sums(x.reshape(-1, n), grad_z.reshape(-1, m) / pair.scaling)
+        else:
+            ref = torch.einsum("bmhw,brhw->mr", grad_z, h)
+            rows, cols = self._conv_sums(pair, x, grad_z / pair.scaling)
+        buf = self.fresh[index]
+        if buf is None:
+            self.fresh[index] = [rows, cols, ref, 1]
+        else:
+            buf[0].add_(rows)
+            buf[1].add_(cols)
+            buf[2].add_(ref)
+            buf[3] += 1
+
+    def _linear_sums(self, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        if self.mode == "exact":
+            g2 = (d.T @ x).square_()
+            return g2.sum(1), g2.sum(0)
+        k = self.sketch_dim
+        s1 = self._gaussian(x.shape[1], k, x)
+        s2 = self._gaussian(d.shape[1], k, x)
+        rows = (d.T @ (x @ s1)).square_().sum(1)
+        cols = ((d @ s2).T @ x).square_().sum(0)
+        return rows, cols
+
+    def _conv_sums(self, pair: LoraPair, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        conv = pair.module.lora_A[pair.adapter]
+        m, n, _ = pair.shape
+        kernel = (x.shape[1], *conv.kernel_size)
+        geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        if self.mode == "exact":
+            g2 = conv2d_weight(x, (m, *kernel), d, **geometry).reshape(m, n).square_()
+            return g2.sum(1), g2.sum(0)
+        k = self.sketch_dim
+        # X S1 for every patch is a convolution with k output channels; S2^T G is the weight
+        # gradient of a k-output convolution whose output gradient is D S2.
+        s1 = self._gaussian(n, k, x)
+        xs1 = F.conv2d(x, s1.T.reshape(k, *kernel), **geometry)
+        rows = torch.einsum("bmhw,bkhw->mk", d, xs1).square_().sum(1)
+        s2 = self._gaussian(m, k, x)
+        ds2 = torch.einsum("bmhw,mk->bkhw", d, s2)
+        cols = conv2d_weight(x, (k, *kernel), ds2, **geometry).reshape(k, n).square_().sum(0)
+        return rows, cols
+
+    # -- life cycle ----------------------------------------------------------------------
+    def reset(self) -> None:
+        self.fresh = [None] * len(self.pairs)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def generator_states(self) -> dict[str, Tensor]:
+        return {key: gen.get_state() for key, gen in self._generators.items()}
+
+    def load_generator_states(self, states: dict[str, Tensor]) -> None:
+        for key, state in states.items():
+            self._generator(torch.device(key)).set_state(state)

@@ -1,0 +1,264 @@
+"""AdaPreLoRA as an optimizer: the real step, state round trip, stability, bad input."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+from adaprelora_diffusion.optim import AdaPreLoRA, find_lora_pairs
+
+from .conftest import loss_fn, make_toy, toy_batches
+from .test_statistics import true_weight_gradients
+
+
+def reference_step(A, B, Ga, Gb, rows, cols, damping, balance=0.5):
+    """The design note's closed form for one module, written out independently (float64)."""
+    r = A.shape[0]
+    S = 0.5 * (rows.sum() + cols.sum())
+    d1, d2 = rows.sqrt() / S**0.25, cols.sqrt() / S**0.25
+    KB, KA = B.T @ torch.diag(d1) @ B, A @ torch.diag(d2) @ A.T
+    delta = (damping + torch.finfo(torch.float64).eps) * (KB.trace() + KA.trace()) / (2 * r) + 1e-30
+    I = torch.eye(r, dtype=torch.float64)
+    KB, KA = KB + delta * I, KA + delta * I
+    core = Ga @ A.T
+    dA = torch.linalg.solve(KB, Ga / d2[None, :] - (1 - balance) * core @ torch.linalg.solve(KA, A))
+    dB = torch.linalg.solve(KA.T, (Gb / d1[:, None] - balance * B @ torch.linalg.solve(KB, B.T @ Gb)).T).T
+    return dA, dB
+
+
+def projected_sums(A, B, G):
+    PB = B @ torch.linalg.inv(B.T @ B) @ B.T
+    PA = A.T @ torch.linalg.inv(A @ A.T) @ A
+    Gh = PB @ G + G @ PA - PB @ G @ PA
+    return (Gh * Gh).sum(1), (Gh * Gh).sum(0)
+
+
+@pytest.mark.parametrize("stats", ["exact", "sketch", "tangent"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_one_real_step_equals_the_closed_form(stats, rslora):
+    model = make_toy(rslora=rslora)
+    batch = toy_batches(1)[0]
+    G = true_weight_gradients(model, batch)  # also leaves the factor gradients in .grad
+    pairs, _ = find_lora_pairs(model)
+    before = {id(p): (p.A.detach().clone().reshape(p.A.shape[0], -1), p.B.detach().clone().reshape(p.B.shape[0], -1)) for p in pairs}
+    grads = {id(p): (p.A.grad.reshape(p.A.shape[0], -1).clone(), p.B.grad.reshape(p.B.shape[0], -1).clone()) for p in pairs}
+    for module in model.modules():  # keep only the LoRA factors' gradients for the step itself
+        if hasattr(module, "base_layer"):
+            module.base_layer.weight.grad = None
+            module.base_layer.weight.requires_grad_(False)
+    lr, damping, betas, eps = 0.05, 0.0, (0.9, 0.99), 1e-30
+    opt = AdaPreLoRA.from_model(model, lr=lr, damping=damping, betas=betas, eps=eps, clip_threshold=None, stats=stats)
+    # the hooks were installed after the backward above: run it again so they see it
+    model.zero_grad()
+    opt.zero_grad()
+    loss_fn(model, batch).backward()
+    opt.step()
+    for pair in pairs:
+        m, n, r = pair.shape
+        A, B = before[id(pair)]
+        s = pair.module.scaling[pair.adapter]
+        assert s == pytest.approx(5.0 / (3**0.5 if rslora else 3))
+        Ga, Gb = grads[id(pair)][0] / s, grads[id(pair)][1] / s
+        g = G[id(pair.module)]
+        if stats == "exact":
+            rows, cols = (g * g).sum(1), (g * g).sum(0)
+        elif stats == "tangent":
+            rows, cols = projected_sums(A, B, g)
+        else:  # the sketch is random: read back what the optimizer stored (EMA after one step)
+            state_a, state_b = opt.state[pair.A], opt.state[pair.B]
+            rows = state_b["row_stats"] / (1 - betas[1]) - n * eps
+            cols = state_a["col_stats"] / (1 - betas[1]) - m * eps
+            assert 0.2 < rows.sum() / (g * g).sum() < 5  # one sketch: right order of magnitude
+        dA, dB = reference_step(A, B, Ga, Gb, rows + n * eps, cols + m * eps, damping)
+        torch.testing.assert_close(pair.A.detach().reshape(r, n), A - lr / s * dA, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(pair.B.detach().reshape(m, r), B - lr / s * dB, rtol=1e-9, atol=1e-12)
+    opt.close()
+
+
+def run(model, opt, batches):
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("stats", ["exact", "sketch", "tangent"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_state_round_trip_is_bit_identical(stats, dtype):
+    batches = toy_batches(7, dtype=dtype)
+    kwargs = dict(lr=0.02, stats=stats, weight_decay=0.01)
+    straight = make_toy(dtype=dtype)
+    with AdaPreLoRA.from_model(straight, **kwargs) as opt:
+        run(straight, opt, batches)
+
+    first = make_toy(dtype=dtype)
+    with AdaPreLoRA.from_model(first, **kwargs) as opt:
+        run(first, opt, batches[:3])
+        buffer = io.BytesIO()
+        torch.save({"model": first.state_dict(), "optim": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = make_toy(seed=123, dtype=dtype)  # a fresh copy: different initial values
+    resumed.load_state_dict(saved["model"])
+    with AdaPreLoRA.from_model(resumed, **kwargs) as opt:
+        opt.load_state_dict(saved["optim"])
+        assert all(v.dtype != torch.bfloat16 for p in find_lora_pairs(resumed)[0] for v in opt.state[p.A].values())
+        run(resumed, opt, batches[3:])
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_training_from_zero_B_is_stable():
+    model = make_toy(random_b=False)
+    pairs, _ = find_lora_pairs(model)
+    A0 = [p.A.detach().clone() for p in pairs]
+    batches = toy_batches(1)
+    norms0 = [p.A.norm().item() for p in pairs]
+    with AdaPreLoRA.from_model(model, lr=0.02) as opt:
+        opt.zero_grad()
+        first = loss_fn(model, batches[0])
+        first.backward()
+        opt.step()
+        for p, a in zip(pairs, A0):  # from B = 0 the first step moves only B
+            assert torch.equal(p.A.detach(), a)
+            assert p.B.detach().abs().sum() > 0
+        for _ in range(299):
+            opt.zero_grad()
+            loss = loss_fn(model, batches[0])
+            loss.backward()
+            opt.step()
+    assert torch.isfinite(loss) and loss < 0.5 * first
+    for p, n0 in zip(pairs, norms0):
+        assert torch.isfinite(p.A).all() and torch.isfinite(p.B).all()
+        assert p.A.norm() < 10 * n0 and p.B.norm() < 10 * n0
+    assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("where", ["lora", "adamw"])
+def test_non_finite_gradient_skips_the_step_and_keeps_state(where):
+    model = make_toy()
+    batches = toy_batches(3)
+    with AdaPreLoRA.from_model(model, lr=0.02) as opt:
+        run(model, opt, batches[:1])
+        params = copy.deepcopy(list(model.parameters()))
+        state = copy.deepcopy(opt.state_dict()["state"])
+        opt.zero_grad()
+        loss_fn(model, batches[1]).backward()
+        target = model.fc1.lora_A["default"].weight if where == "lora" else model.head.weight
+        target.grad[0, 0] = float("nan")
+        with pytest.warns(RuntimeWarning, match="skipped a step"):
+            opt.step()
+        assert opt.skipped_steps == 1
+        for a, b in zip(params, model.parameters()):
+            assert torch.equal(a, b)
+        after = opt.state_dict()["state"]
+        for key in state:
+            for name in state[key]:
+                assert torch.equal(state[key][name], after[key][name])
+        run(model, opt, batches[2:])  # training goes on normally afterwards
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("stats", ["exact", "sketch"])
+def test_statistics_follow_loss_scaling_as_done_by_grad_scaler(stats):
+    batch = toy_batches(1, dtype=torch.float32)[0]
+    plain = make_toy(dtype=torch.float32)
+    with AdaPreLoRA.from_model(plain, lr=0.02, stats=stats) as opt:
+        opt.zero_grad()
+        loss_fn(plain, batch).backward()
+        opt.step()
+    scaled = make_toy(dtype=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with AdaPreLoRA.from_model(scaled, lr=0.02, stats=stats) as opt:
+        opt.zero_grad()
+        scaler.scale(loss_fn(scaled, batch)).backward()
+        scaler.unscale_(opt)  # as accelerate does before gradient clipping
+        scaler.step(opt)
+        scaler.update()
+    for (name, a), (_, b) in zip(plain.named_parameters(), scaled.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_of_equal_micro_batches_equals_one_batch():
+    batch = toy_batches(1)[0]
+    one = make_toy()
+    with AdaPreLoRA.from_model(one, lr=0.02) as opt:
+        opt.zero_grad()
+        loss_fn(one, batch).backward()
+        opt.step()
+    two = make_toy()
+    with AdaPreLoRA.from_model(two, lr=0.02) as opt:
+        opt.zero_grad()
+        for _ in range(2):
+            (loss_fn(two, batch) / 2).backward()
+        opt.step()
+    for a, b in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_clipping_bounds_the_rms_of_the_w_step():
+    model = make_toy()
+    pairs, _ = find_lora_pairs(model)
+    before = {id(p): (p.module.scaling["default"] * p.B.detach().reshape(p.B.shape[0], -1) @ p.A.detach().reshape(p.A.shape[0], -1)) for p in pairs}
+    lr, clip = 1.0, 1e-3
+    with AdaPreLoRA.from_model(model, lr=lr, clip_threshold=clip, betas=(0.0, 0.999), damping=0.0) as opt:
+        run(model, opt, toy_batches(1))
+    for p in pairs:
+        after = p.module.scaling["default"] * p.B.detach().reshape(p.B.shape[0], -1) @ p.A.detach().reshape(p.A.shape[0], -1)
+        first_order = ((after - before[id(p)]) ** 2).mean().sqrt()
+        # the first-order W-step has RMS lr * clip; the product adds a second-order term
+        assert first_order < 1.5 * lr * clip
+
+
+def test_momentum_free_and_update_momentum_variants_train():
+    for kwargs in (dict(betas=(0.0, 0.999)), dict(momentum="update")):
+        model = make_toy(random_b=False)
+        batches = toy_batches(1) * 50
+        with AdaPreLoRA.from_model(model, lr=0.02, **kwargs) as opt:
+            first = loss_fn(model, batches[0]).item()
+            run(model, opt, batches)
+        assert loss_fn(model, batches[0]).item() < 0.7 * first
+
+
+def test_per_model_overrides_make_groups():
+    a, b = make_toy(), make_toy(seed=1)
+    with AdaPreLoRA.from_model([a, {"model": b, "lr": 1e-5}], lr=1e-3) as opt:
+        lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs == [1e-5, 1e-3]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(betas=(1.0, 0.9)), "betas"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(eps=0.0), "eps"),
+        (dict(damping=-1.0), "damping"),
+        (dict(balance=1.5), "balance"),
+        (dict(clip_threshold=0.0), "clip_threshold"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(stats="full"), "stats"),
+        (dict(momentum="nesterov"), "momentum"),
+        (dict(sketch_dim=0), "sketch_dim"),
+    ],
+)
+def test_bad_hyper_parameters_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaPreLoRA.from_model(make_toy(), **kwargs)
+
+
+def test_close_removes_hooks_and_a_closed_optimizer_refuses_to_step():
+    model = make_toy()
+    opt = AdaPreLoRA.from_model(model, lr=1e-3)
+    assert any(m._forward_hooks for m in model.modules())
+    opt.close()
+    assert not any(m._forward_hooks for m in model.modules())
+    loss_fn(model, toy_batches(1)[0]).backward()
+    with pytest.raises(ValueError, match="closed"):
+        opt.step()
+    with AdaPreLoRA.from_model(model, lr=1e-3, stats="tangent"):
+        assert not any(m._forward_hooks for m in model.modules())
