@@ -11,7 +11,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .base import Gathered, LoraPairOptimizer, _check
-from .closed_form import adafactor_scales, preconditioned_step, tangent_statistics, w_step_sq_norm
+from .closed_form import (
+    adafactor_scales,
+    factored_step,
+    factored_w_step_sq_norm,
+    preconditioned_step,
+    tangent_statistics,
+    w_step_sq_norm,
+)
 from .statistics import STATS_MODES, HookStatistics
 
 __all__ = ["AdaPreLoRA", "DEFAULT_STATS"]
@@ -223,16 +230,14 @@ class AdaPreLoRA(LoraPairOptimizer):
         bucket, state = w.bucket, w.bucket.state
         m, n, _ = bucket.shape
         beta1, beta2 = group["betas"]
-        s = bucket.scales()[:, None, None]
-        Ga, Gb = w.grad_A / s, w.grad_B / s
-        A, B = w.A, w.B
+        inv_s = bucket.scales().reciprocal()[:, None, None]
+        A, B, active = w.A, w.B, w.active
         if self._hooks is None:
-            rows, cols = tangent_statistics(A, B, Ga, Gb)
+            rows, cols = tangent_statistics(A, B, w.grad_A * inv_s, w.grad_B * inv_s)
         else:
             rows, cols = prepared[f"rows{id(bucket)}"], prepared[f"cols{id(bucket)}"]
         eps = group["eps"]
         step = self._advance(w)
-        active = w.active
         row_ema = self._masked(active, torch.lerp(state["row_stats"], rows + n * eps, 1.0 - beta2), state["row_stats"])
         col_ema = self._masked(active, torch.lerp(state["col_stats"], cols + m * eps, 1.0 - beta2), state["col_stats"])
         state["row_stats"].copy_(row_ema)
@@ -241,35 +246,41 @@ class AdaPreLoRA(LoraPairOptimizer):
         d1, d2 = adafactor_scales(row_ema / bias2, col_ema / bias2)
 
         solve = dict(balance=group["balance"], damping=group["damping"])
+        lr, clip = group["lr"], group["clip_threshold"]
         bias1 = (1.0 - beta1 ** step.clamp_min(1.0))[:, None, None]
-        if group["momentum"] == "gradient":
-            Ma = self._ema(state["exp_avg_A"], Ga, beta1, active)
-            Mb = self._ema(state["exp_avg_B"], Gb, beta1, active)
-            dA, dB = preconditioned_step(A, B, Ma / bias1, Mb / bias1, d1, d2, **solve)
-            dA, dB = self._clip(A, B, dA, dB, group["clip_threshold"], m * n)
-        else:
-            dA, dB = preconditioned_step(A, B, Ga, Gb, d1, d2, **solve)
-            dA, dB = self._clip(A, B, dA, dB, group["clip_threshold"], m * n)
-            dA = self._ema(state["exp_avg_A"], dA, beta1, active) / bias1
-            dB = self._ema(state["exp_avg_B"], dB, beta1, active) / bias1
-
-        lr = group["lr"]
-        lr_over_s = (lr / s).to(A.dtype)
         decay = 1.0 - lr * group["weight_decay"]
-        self._write_back([p.A for p in bucket.pairs], A * decay - lr_over_s * dA, active)
-        self._write_back([p.B for p in bucket.pairs], B * decay - lr_over_s * dB, active)
+        if group["momentum"] == "gradient":
+            # Momenta of Ga = A.grad / s and Gb = B.grad / s. The step is linear in them, so the
+            # bias correction, the clipping factor and -lr / s all fold into the r x r P and Q.
+            Ma = self._ema_scaled(state["exp_avg_A"], w.grad_A, inv_s, beta1, active)
+            Mb = self._ema_scaled(state["exp_avg_B"], w.grad_B, inv_s, beta1, active)
+            P, Ra, Rb, Q = factored_step(A, B, Ma, Mb, d1, d2, **solve)
+            coef = lr * inv_s / bias1
+            if clip is not None:
+                rms = (factored_w_step_sq_norm(A, B, P, Ra, Rb, Q) / (m * n)).sqrt()[:, None, None] / bias1
+                coef = coef / (rms / clip).clamp_min(1.0)
+            delta_A = torch.bmm(P * -coef, Ra)
+            delta_B = torch.bmm(Rb, Q * -coef)
+        else:
+            dA, dB = preconditioned_step(A, B, w.grad_A * inv_s, w.grad_B * inv_s, d1, d2, **solve)
+            if clip is not None:
+                rms = (w_step_sq_norm(A, B, dA, dB) / (m * n)).sqrt()[:, None, None]
+                factor = (rms / clip).clamp_min(1.0)
+                dA, dB = dA / factor, dB / factor
+            dA = self._ema_scaled(state["exp_avg_A"], dA, None, beta1, active)
+            dB = self._ema_scaled(state["exp_avg_B"], dB, None, beta1, active)
+            coef = lr * inv_s / bias1
+            delta_A, delta_B = dA * -coef, dB * -coef
+        self._apply_delta(bucket.As, delta_A, active, decay)
+        self._apply_delta(bucket.Bs, delta_B, active, decay)
 
-    def _ema(self, buffer: Tensor, value: Tensor, beta: float, active: Tensor | None) -> Tensor:
+    def _ema_scaled(self, buffer: Tensor, value: Tensor, scale: Tensor | None, beta: float, active: Tensor | None) -> Tensor:
+        """`buffer <- beta buffer + (1 - beta) scale * value` in place (masked pairs unchanged)."""
         if beta == 0.0:
-            return value
-        buffer.copy_(self._masked(active, torch.lerp(buffer, value, 1.0 - beta), buffer))
+            return value * scale if scale is not None else value
+        weight = (1.0 - beta) if scale is None else (1.0 - beta) * scale
+        if active is None:
+            return buffer.mul_(beta).addcmul_(value, torch.as_tensor(weight, dtype=buffer.dtype, device=buffer.device))
+        updated = torch.addcmul(buffer * beta, value, torch.as_tensor(weight, dtype=buffer.dtype, device=buffer.device))
+        buffer.copy_(self._masked(active, updated, buffer))
         return buffer
-
-    @staticmethod
-    def _clip(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, threshold: float | None, size: int) -> tuple[Tensor, Tensor]:
-        """Adafactor's update clipping on the W-step: divide by max(1, RMS(B dA + dB A) / d)."""
-        if threshold is None:
-            return dA, dB
-        rms = (w_step_sq_norm(A, B, dA, dB) / size).sqrt()
-        factor = (rms / threshold).clamp_min(1.0)[:, None, None]
-        return dA / factor, dB / factor

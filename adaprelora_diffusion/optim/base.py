@@ -40,6 +40,12 @@ class Bucket:
     _scales: tuple[float, ...] = ()
     _scale_tensor: Tensor | None = None
 
+    def __post_init__(self) -> None:
+        self.As = [p.A for p in self.pairs]
+        self.Bs = [p.B for p in self.pairs]
+        # Linear factors already are the matrices; conv kernels need a reshape to (r, n), (m, r).
+        self.matrices = all(a.dim() == 2 for a in self.As) and all(b.dim() == 2 for b in self.Bs)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.pairs[0].shape
@@ -205,37 +211,50 @@ class LoraPairOptimizer(Optimizer):
     def _gather(self) -> list[Gathered]:
         work = []
         for bucket in self._buckets:
-            pairs = bucket.pairs
-            if all(p.A.grad is None and p.B.grad is None for p in pairs):
+            grads_a = [a.grad for a in bucket.As]
+            grads_b = [b.grad for b in bucket.Bs]
+            missing = [ga is None or gb is None for ga, gb in zip(grads_a, grads_b)]
+            if all(missing):
                 continue
-            missing = [p.A.grad is None or p.B.grad is None for p in pairs]
-
-            def stack(tensors: list[Tensor], grads: list[Tensor | None]) -> Tensor:
-                mats = [(g if g is not None else torch.zeros_like(t)).reshape(t.shape[0], -1) for t, g in zip(tensors, grads)]
-                return torch.stack(mats).to(bucket.dtype)
-
-            As, Bs = [p.A for p in pairs], [p.B for p in pairs]
+            active = None
+            if any(missing):
+                grads_a = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads_a, bucket.As)]
+                grads_b = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads_b, bucket.Bs)]
+                active = torch.tensor([not x for x in missing], device=bucket.device)
             work.append(
                 Gathered(
                     bucket=bucket,
-                    A=torch.stack([a.detach().reshape(a.shape[0], -1) for a in As]).to(bucket.dtype),
-                    B=torch.stack([b.detach().reshape(b.shape[0], -1) for b in Bs]).to(bucket.dtype),
-                    grad_A=stack(As, [a.grad for a in As]),
-                    grad_B=stack(Bs, [b.grad for b in Bs]),
-                    active=torch.tensor([not x for x in missing], device=bucket.device) if any(missing) else None,
+                    A=self._stack(bucket, [a.detach() for a in bucket.As]),
+                    B=self._stack(bucket, [b.detach() for b in bucket.Bs]),
+                    grad_A=self._stack(bucket, grads_a),
+                    grad_B=self._stack(bucket, grads_b),
+                    active=active,
                 )
             )
         return work
+
+    @staticmethod
+    def _stack(bucket: Bucket, tensors: list[Tensor]) -> Tensor:
+        if not bucket.matrices:
+            tensors = [t.reshape(t.shape[0], -1) for t in tensors]
+        return torch.stack(tensors).to(bucket.dtype)
 
     def _other_params(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
         return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups if not g["lora"]]
 
     def _all_finite(self, tensors: list[Tensor]) -> bool:
-        """One device sync per step: decide whether to skip it."""
+        """One device sync per step: decide whether to skip it.
+
+        A sum is non-finite whenever an entry is inf or NaN, and it is one vectorised pass (the
+        max-norm is slow on CPU, `isfinite().all()` takes several passes). A false alarm needs
+        finite gradients summing past 3e38, which deserve a skipped step anyway.
+        """
         if not tensors:
             return True
-        flags = [torch.isfinite(t).all() for t in tensors]
-        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t.sum(dtype=torch.float32))
+        return all(bool(torch.isfinite(torch.stack(sums).sum())) for sums in by_device.values())
 
     def _skip(self, reason: str) -> None:
         self.skipped_steps += 1
@@ -247,14 +266,30 @@ class LoraPairOptimizer(Optimizer):
         )
 
     @staticmethod
-    def _write_back(params: list[nn.Parameter], new_values: Tensor, active: Tensor | None) -> None:
-        """Copy a stacked result into the parameters (cast to their dtype), skipping inactive pairs."""
-        rows = new_values.unbind(0)
-        keep = range(len(params)) if active is None else [i for i, a in enumerate(active.tolist()) if a]
-        targets = [params[i] for i in keep]
-        values = [rows[i].reshape(params[i].shape).to(params[i].dtype) for i in keep]
-        if targets:
-            torch._foreach_copy_(targets, values)
+    def _apply_delta(params: list[nn.Parameter], delta: Tensor, active: Tensor | None, decay: float = 1.0) -> None:
+        """`p <- decay * p + delta[i]` in place for each (active) parameter.
+
+        Adding into the parameters directly costs one pass; building `decay * A + delta` as a
+        stacked tensor and copying it back would cost two. The addition runs in the promoted
+        dtype and rounds once into the parameter's dtype (bf16 factors, float32 math).
+        """
+        rows = delta.unbind(0)
+        if active is None:
+            targets, values = params, list(rows)
+        else:
+            keep = [i for i, a in enumerate(active.tolist()) if a]
+            targets, values = [params[i] for i in keep], [rows[i] for i in keep]
+        if not targets:
+            return
+        if targets[0].dim() != 2:
+            values = [v.reshape(t.shape) for v, t in zip(values, targets)]
+        if decay != 1.0:
+            torch._foreach_mul_(targets, decay)
+        if values[0].dtype == targets[0].dtype:
+            torch._foreach_add_(targets, values)
+        else:
+            for t, v in zip(targets, values):
+                t.add_(v)
 
     def _step_adamw(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """The non-pair parameters: torch's own AdamW math (functional form, foreach)."""

@@ -15,6 +15,8 @@ from torch import Tensor
 
 __all__ = [
     "adafactor_scales",
+    "factored_step",
+    "factored_w_step_sq_norm",
     "relative_damping",
     "damped_inverse",
     "preconditioned_step",
@@ -75,6 +77,36 @@ def damped_inverse(K: Tensor, delta: Tensor) -> Tensor:
     return torch.linalg.inv_ex(_add_diag(_symmetric(K), delta))[0]
 
 
+def factored_step(
+    A: Tensor,
+    B: Tensor,
+    Ga: Tensor,
+    Gb: Tensor,
+    d1: Tensor,
+    d2: Tensor,
+    *,
+    balance: float = 0.5,
+    damping: float = 0.1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The H-preconditioned LoRA step as `dA = P @ Ra`, `dB = Rb @ Q` (see `preconditioned_step`).
+
+    Returned factored because `P = KB^-1` and `Q = KA^-1` are r x r: a per-module scale
+    (learning rate, bias correction, clipping) folded into them costs O(r^2) instead of a pass
+    over the factor-sized `dA`, `dB`, and the update becomes one `baddbmm` per factor.
+    Linear in `(Ga, Gb)` for fixed `(A, B, d1, d2)`.
+    """
+    KB = torch.bmm(_t(B) * d1[:, None, :], B)
+    KA = torch.bmm(A * d2[:, None, :], _t(A))
+    delta = relative_damping(KB, KA, damping)
+    P = damped_inverse(KB, delta)
+    Q = damped_inverse(KA, delta)
+    core_a = torch.bmm(Ga, _t(A))
+    core_b = torch.bmm(_t(B), Gb)
+    Ra = torch.baddbmm(Ga / d2[:, None, :], torch.bmm(core_a, Q), A, alpha=-(1.0 - balance))
+    Rb = torch.baddbmm(Gb / d1[:, :, None], B, torch.bmm(P, core_b), alpha=-balance)
+    return P, Ra, Rb, Q
+
+
 def preconditioned_step(
     A: Tensor,
     B: Tensor,
@@ -100,18 +132,22 @@ def preconditioned_step(
     and each solve uses the one built from its own factor's gradient. Cost per module:
     O((m + n) r^2 + r^3); nothing of size m x n is formed.
     """
-    KB = torch.bmm(_t(B), d1[:, :, None] * B)
-    KA = torch.bmm(A * d2[:, None, :], _t(A))
-    delta = relative_damping(KB, KA, damping)
-    KB_inv = damped_inverse(KB, delta)
-    KA_inv = damped_inverse(KA, delta)
-    core_a = torch.bmm(Ga, _t(A))
-    core_b = torch.bmm(_t(B), Gb)
-    rhs_a = Ga / d2[:, None, :] - (1.0 - balance) * torch.bmm(torch.bmm(core_a, KA_inv), A)
-    dA = torch.bmm(KB_inv, rhs_a)
-    rhs_b = Gb / d1[:, :, None] - balance * torch.bmm(B, torch.bmm(KB_inv, core_b))
-    dB = torch.bmm(rhs_b, KA_inv)
-    return dA, dB
+    P, Ra, Rb, Q = factored_step(A, B, Ga, Gb, d1, d2, balance=balance, damping=damping)
+    return torch.bmm(P, Ra), torch.bmm(Rb, Q)
+
+
+def factored_w_step_sq_norm(A: Tensor, B: Tensor, P: Tensor, Ra: Tensor, Rb: Tensor, Q: Tensor) -> Tensor:
+    """`||B dA + dB A||_F^2` for `dA = P Ra`, `dB = Rb Q` (P, Q symmetric), from r x r products.
+
+    `||B dA||^2 = <P (B^T B) P, Ra Ra^T>`, `||dB A||^2 = <Q (A A^T) Q, Rb^T Rb>` and the cross
+    term `2 tr(dA^T B^T dB A) = 2 <P (B^T Rb) Q, (A Ra^T)^T>`: six (m or n) x r^2 products.
+    """
+    BtB, RbtRb, BtRb = torch.bmm(_t(B), B), torch.bmm(_t(Rb), Rb), torch.bmm(_t(B), Rb)
+    AAt, RaRat, ARat = torch.bmm(A, _t(A)), torch.bmm(Ra, _t(Ra)), torch.bmm(A, _t(Ra))
+    first = (torch.bmm(torch.bmm(P, BtB), P) * RaRat).sum((-1, -2))
+    second = (torch.bmm(torch.bmm(Q, AAt), Q) * RbtRb).sum((-1, -2))
+    cross = (torch.bmm(torch.bmm(P, BtRb), Q) * _t(ARat)).sum((-1, -2))
+    return (first + second + 2.0 * cross).clamp_min(0.0)
 
 
 def _projection_parts(A: Tensor, B: Tensor, Ga: Tensor, Gb: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -49,7 +49,7 @@ class LoRAPro(LoraPairOptimizer):
         s = w.bucket.scales()[:, None, None]
         dA, dB = lorapro_step(w.A, w.B, w.grad_A / s, w.grad_B / s, damping=group["damping"])
         self._advance(w)
-        lr_over_s = group["lr"] / s
+        neg_lr_over_s = -group["lr"] / s
         decay = 1.0 - group["lr"] * group["weight_decay"]
-        self._write_back([p.A for p in w.bucket.pairs], w.A * decay - lr_over_s * dA, w.active)
-        self._write_back([p.B for p in w.bucket.pairs], w.B * decay - lr_over_s * dB, w.active)
+        self._apply_delta(w.bucket.As, dA * neg_lr_over_s, w.active, decay)
+        self._apply_delta(w.bucket.Bs, dB * neg_lr_over_s, w.active, decay)

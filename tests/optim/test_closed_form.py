@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from adaprelora_diffusion.optim.closed_form import (
+    factored_step,
+    factored_w_step_sq_norm,
     lorapro_step,
     preconditioned_step,
     tangent_statistics,
@@ -123,6 +125,16 @@ def test_w_step_norm_without_forming_the_step(m, n, r):
     A, B, G, d1, d2 = problem(m, n, r)
     dA, dB = step(A, B, G, d1, d2)
     torch.testing.assert_close(w_step_sq_norm(A, B, dA, dB), ((B @ dA + dB @ A) ** 2).sum((1, 2)))
+
+
+@pytest.mark.parametrize("m,n,r", SHAPES)
+def test_factored_form_and_its_norm(m, n, r):
+    A, B, G, d1, d2 = problem(m, n, r)
+    P, Ra, Rb, Q = factored_step(A, B, T(B) @ G, G @ T(A), d1, d2, damping=0.1)
+    dA, dB = preconditioned_step(A, B, T(B) @ G, G @ T(A), d1, d2, damping=0.1)
+    torch.testing.assert_close(P @ Ra, dA)
+    torch.testing.assert_close(Rb @ Q, dB)
+    torch.testing.assert_close(factored_w_step_sq_norm(A, B, P, Ra, Rb, Q), ((B @ dA + dB @ A) ** 2).sum((1, 2)))
 
 
 @pytest.mark.parametrize("m,n,r", SHAPES)
