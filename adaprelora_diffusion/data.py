@@ -123,7 +123,12 @@ def scan_image_folder(folder: str | os.PathLike, role: str = "instance") -> list
             skipped.append(f"{path.name} ({type(exc).__name__}: {exc})")
             continue
         caption_file = path.with_suffix(CAPTION_EXTENSION)
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        caption = None
+        if caption_file.is_file():
+            try:
+                caption = caption_file.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"Caption file {caption_file} is not UTF-8 text ({exc}): re-save it as UTF-8.") from exc
         records.append(ImageRecord(path=path, size=size, caption=caption))
 
     if skipped:
@@ -146,10 +151,13 @@ def scan_image_folder(folder: str | os.PathLike, role: str = "instance") -> list
 
 
 def check_resolution(resolution: int) -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % 8:
-        lower = max(8, (int(resolution) // 8) * 8) if isinstance(resolution, (int, float)) else 512
+    """Return ``resolution`` if it is a positive int divisible by 8 (the VAE's downsampling factor)."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int):
+        raise ValueError(f"resolution must be a positive multiple of 8 given as an int (e.g. 512); got {resolution!r}.")
+    if resolution <= 0 or resolution % 8:
+        lower = max(8, (resolution // 8) * 8)
         raise ValueError(
-            f"resolution must be a positive multiple of 8 (the VAE downsamples images by 8); got {resolution!r}. "
+            f"resolution must be a positive multiple of 8 (the VAE downsamples images by 8); got {resolution}. "
             f"Use e.g. {lower} or {lower + 8}."
         )
     return resolution

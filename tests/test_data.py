@@ -89,7 +89,7 @@ def test_image_with_unusual_extension_is_used(tmp_path):
 
 # ------------------------------------------------------------------ arguments
 
-@pytest.mark.parametrize("bad", [100, 0, -8, 64.0, "512", True])
+@pytest.mark.parametrize("bad", [100, 0, -8, 4, 64.0, "512", True, None])
 def test_resolution_must_be_positive_multiple_of_8(tmp_path, bad):
     make_folder(tmp_path / "inst")
     with pytest.raises(ValueError, match="multiple of 8"):
@@ -196,6 +196,13 @@ def test_caption_file_overrides_prompt(tmp_path):
     ds = DreamBoothDataset(d, "a photo of sks dog", resolution=32)
     assert ds[0]["instance_prompt"] == "a photo of sks dog"
     assert ds[1]["instance_prompt"] == "sks dog on a beach"
+
+
+def test_non_utf8_caption_is_named(tmp_path):
+    d = make_folder(tmp_path / "inst", n=1)
+    (d / "img0.txt").write_bytes(b"caf\xe9 latin-1")
+    with pytest.raises(ValueError, match=r"img0\.txt is not UTF-8 text"):
+        DreamBoothDataset(d, "p", resolution=32)
 
 
 def test_empty_caption_falls_back_with_warning(tmp_path):
