@@ -1,0 +1,227 @@
+"""A tiny, random-weight Stable Diffusion pipeline for offline smoke runs and tests.
+
+Real checkpoints cannot be downloaded in CI or on air-gapped machines, yet the trainer must be
+exercised end to end through the *same* loading path real checkpoints use
+(``StableDiffusionPipeline.from_pretrained(folder)``). So this module builds a structurally
+faithful SD 1.x pipeline (CLIP tokenizer + CLIP text encoder + VAE + cross-attention UNet) with a
+few hundred thousand random parameters, deterministically from a fixed seed, and saves it as an
+ordinary diffusers pipeline folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Bump whenever the architecture or weights below change, so stale caches are rebuilt.
+TINY_PIPELINE_VERSION = "1"
+DEFAULT_SEED = 0
+TINY_SUBDIR = "tiny-sd"
+_MARKER = ".adaprelora_tiny_complete"
+
+# Files whose presence means a cached folder is a complete tiny pipeline.
+_REQUIRED_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer_config.json",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+)
+
+# A handful of BPE merges so the tokenizer exercises real merging (not only single bytes).
+_MERGES = ("t h", "th e</w>", "o f</w>", "a n", "an d</w>", "i n", "in g</w>", "p h", "o t", "ph ot")
+
+TEXT_HIDDEN_SIZE = 32
+MAX_TEXT_LENGTH = 77
+
+
+def default_cache_dir() -> Path:
+    """Root cache folder: ``$ADAPRELORA_CACHE`` if set, else ``~/.cache/adaprelora_diffusion``."""
+    env = os.environ.get("ADAPRELORA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.cache/adaprelora_diffusion").expanduser()
+
+
+def write_tokenizer_files(folder: str | os.PathLike) -> Path:
+    """Write a CLIP-style byte-level BPE ``vocab.json`` + ``merges.txt`` into ``folder``.
+
+    The vocabulary holds every byte-level unicode character and its ``</w>`` (end-of-word)
+    variant, so any text at all tokenizes without unknown tokens, plus the merges' results and
+    CLIP's two special tokens (last, as in CLIP's own vocabulary).
+    """
+    # The 256-character byte-to-unicode alphabet is taken from the tokenizers library rather than
+    # re-derived here; sorting it fixes the id order.
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    for merge in _MERGES:
+        left, right = merge.split(" ")
+        if left not in vocab or right not in vocab:
+            raise AssertionError(f"merge {merge!r} uses a token missing from the vocab")
+        vocab[left + right] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n", encoding="utf-8")
+    return folder
+
+
+def build_tiny_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLike | None = None):
+    """Build the tiny pipeline in memory; same ``seed`` gives bit-identical weights.
+
+    ``tokenizer_dir`` is where the generated vocab.json/merges.txt are written (a temporary
+    folder if omitted). The caller's global torch RNG state is left untouched.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tok_dir = write_tokenizer_files(tokenizer_dir if tokenizer_dir is not None else scratch)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=MAX_TEXT_LENGTH)
+
+    # fork_rng: seeding must not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=TEXT_HIDDEN_SIZE,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=MAX_TEXT_LENGTH,
+                projection_dim=TEXT_HIDDEN_SIZE,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        # Four VAE blocks -> three downsamplings -> the real SD factor of 8 (64 px -> 8x8 latents).
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=8,  # latent size: default pipeline resolution = 8 * vae factor 8 = 64 px
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TEXT_HIDDEN_SIZE,
+            attention_head_dim=2,  # diffusers' legacy name: this is the number of heads
+            norm_num_groups=32,
+        )
+    # SD 1.x's noise schedule; DDIM samples sensibly in very few steps. Training code builds a
+    # DDPMScheduler from this same config.
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    for module in (text_encoder, vae, unet):
+        module.eval()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def is_complete_tiny_pipeline(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds a finished tiny pipeline of the current version."""
+    path = Path(path)
+    marker = path / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if info.get("version") != TINY_PIPELINE_VERSION:
+        return False
+    if not all((path / rel).is_file() for rel in _REQUIRED_FILES):
+        return False
+    # Weights may be .safetensors or .bin; require at least one weight file per model folder.
+    for sub in ("text_encoder", "unet", "vae"):
+        if not any(f.suffix in (".safetensors", ".bin") for f in (path / sub).iterdir()):
+            return False
+    return True
+
+
+def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int = DEFAULT_SEED) -> Path:
+    """Return the folder of the tiny pipeline, building and saving it once if needed.
+
+    The folder is ``<cache_dir>/tiny-sd`` (``cache_dir`` defaults to :func:`default_cache_dir`).
+    It is built in a temporary sibling folder and renamed into place, so a crash or a concurrent
+    builder never leaves a half-written pipeline at the final path.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / (TINY_SUBDIR if seed == DEFAULT_SEED else f"{TINY_SUBDIR}-seed{seed}")
+    if is_complete_tiny_pipeline(target):
+        return target
+
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    try:
+        pipe = build_tiny_pipeline(seed=seed, tokenizer_dir=staging / "tokenizer")
+        pipe.save_pretrained(staging)
+        (staging / _MARKER).write_text(
+            json.dumps({"version": TINY_PIPELINE_VERSION, "seed": seed}), encoding="utf-8"
+        )
+        if target.exists():
+            # Stale or incomplete: move it aside first (os.replace cannot overwrite a non-empty dir).
+            stale = root / f".{target.name}.stale-{uuid.uuid4().hex}"
+            try:
+                os.replace(target, stale)
+            except FileNotFoundError:
+                stale = None  # another process moved it already
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # A concurrent builder won the race; use its (identical) result.
+            if not is_complete_tiny_pipeline(target):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Saved the tiny random-weight Stable Diffusion pipeline to %s", target)
+    return target
