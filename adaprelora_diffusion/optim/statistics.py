@@ -8,17 +8,22 @@ forward hook on `lora_B` attaches a tensor hook to its output, and that tensor h
 G, or a Gaussian sketch of it, to m + n numbers while the backward pass runs.
 
 - "exact": form G one layer at a time (one extra matmul per layer), reduce, free.
-- "sketch": `rows ~ ||(D^T (X S1))_i||^2`, `cols ~ ||((D S2)^T X)_:,j||^2` with fresh Gaussian
-  S1 (n x k), S2 (m x k), entries N(0, 1/k): unbiased, O(T (m + n) k).
+- "sketch": `rows ~ ||(G S1)_i||^2`, `cols ~ ||(S2^T G)_:,j||^2` with Gaussian S1 (n x k),
+  S2 (m x k), entries N(0, 1/k), fresh each step: unbiased, O(T (m + n) k). The hooks add up
+  the linear sketches `G S1 = D^T (X S1)` and `S2^T G = (D S2)^T X`, and the squares are taken
+  at step time. S1 and S2 depend only on (seed, step, layer), so every micro-batch and every
+  data-parallel rank sketches with the same matrices: summing over micro-batches and averaging
+  over ranks first makes the statistic that of the gradient actually applied, exactly.
 
 The hooks see the gradient before anything rescales it (a GradScaler's unscale, gradient
 clipping, DDP averaging). So each hook also accumulates `grad_z^T h`, exactly what autograd
 adds to `lora_B.weight.grad`; comparing it with the gradient the optimizer finally receives
 gives the factor by which the statistics must be rescaled (see `AdaPreLoRA._fresh_statistics`).
 
-Several backward passes before one step (gradient accumulation) are combined as
-`count * sum_i G_i^2`: equal to `G^2` when the micro-batch gradients agree, and Adafactor's
-second-moment estimate `E[g^2]` when they do not.
+"exact" cannot sum G over backward passes without an m x n buffer per layer, so several
+backward passes before one step (gradient accumulation) are combined as `count * sum_i G_i^2`
+(equal to `G^2` when the micro-batch gradients agree, Adafactor's `E[g^2]` otherwise), and
+data-parallel ranks average their squares.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ STATS_MODES = ("exact", "sketch", "tangent")
 class HookStatistics:
     """Installs the hooks for a list of pairs and holds what they gathered since the last step.
 
-    `fresh[i]` is `None` or `[rows (m,), cols (n,), ref (m, r), count]` for `pairs[i]`, in
-    at least float32, allocated on the first backward after a reset and dropped by `reset()`, so the
-    buffers live only as long as gradients do.
+    `fresh[i]` is `None` or `[a, b, ref (m, r), count]` for `pairs[i]`: with "exact", `a`, `b`
+    are the row (m,) and column (n,) sums of `G * G`; with "sketch" they are `G S1` (m, k) and
+    `S2^T G` (k, n). At least float32, allocated on the first backward after a reset and dropped
+    by `reset()`, so the buffers live only as long as gradients do. `step` numbers the sketches.
     """
 
     def __init__(self, pairs: list[LoraPair], mode: str, sketch_dim: int = 16, seed: int = 0):
@@ -54,7 +60,8 @@ class HookStatistics:
         self.sketch_dim = sketch_dim
         self.seed = seed
         self.fresh: list[list | None] = [None] * len(pairs)
-        self._generators: dict[str, torch.Generator] = {}
+        self.step = 0
+        self._sketches: dict[int, tuple[Tensor, Tensor]] = {}
         self._handles = []
         for index, pair in enumerate(pairs):
             self._install(index, pair)
@@ -78,17 +85,20 @@ class HookStatistics:
         self._handles.append(a_mod.register_forward_hook(keep_input))
         self._handles.append(b_mod.register_forward_hook(attach))
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._generators[key] = gen
-        return self._generators[key]
+    def sketch_matrices(self, index: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """S1 (n x k) and S2 (m x k) of pair `index` for the current step, entries N(0, 1/k).
 
-    def _gaussian(self, rows: int, cols: int, like: Tensor) -> Tensor:
-        g = torch.randn(rows, cols, generator=self._generator(like.device), device=like.device, dtype=like.dtype)
-        return g.mul_(1.0 / math.sqrt(cols))
+        Drawn from a generator seeded by (seed, step, index) alone, so they are the same on every
+        rank and for every micro-batch of a step, and a resumed run draws the same ones.
+        """
+        if index not in self._sketches:
+            m, n, _ = self.pairs[index].shape
+            k = self.sketch_dim
+            gen = torch.Generator(device=like.device)
+            gen.manual_seed((self.seed * 1_000_003 + self.step) * 10_007 + index)
+            draw = torch.randn(n + m, k, generator=gen, device=like.device, dtype=like.dtype).mul_(1.0 / math.sqrt(k))
+            self._sketches[index] = (draw[:n], draw[n:])
+        return self._sketches[index]
 
     @torch.no_grad()
     def _accumulate(self, index: int, x: Tensor, h: Tensor, grad_z: Tensor) -> None:
@@ -98,10 +108,10 @@ class HookStatistics:
         x, h, grad_z = x.to(dtype), h.to(dtype), grad_z.to(dtype)
         if pair.kind == "linear":
             ref = grad_z.reshape(-1, m).T @ h.reshape(-1, r)
-            rows, cols = self._linear_sums(x.reshape(-1, n), grad_z.reshape(-1, m) / pair.scaling)
+            rows, cols = self._linear_sums(index, x.reshape(-1, n), grad_z.reshape(-1, m) / pair.scaling)
         else:
             ref = torch.einsum("bmhw,brhw->mr", grad_z, h)
-            rows, cols = self._conv_sums(pair, x, grad_z / pair.scaling)
+            rows, cols = self._conv_sums(index, pair, x, grad_z / pair.scaling)
         buf = self.fresh[index]
         if buf is None:
             self.fresh[index] = [rows, cols, ref, 1]
@@ -111,18 +121,15 @@ class HookStatistics:
             buf[2].add_(ref)
             buf[3] += 1
 
-    def _linear_sums(self, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    def _linear_sums(self, index: int, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact: row/col sums of G^2. Sketch: G S1 and S2^T G, still linear in G."""
         if self.mode == "exact":
             g2 = (d.T @ x).square_()
             return g2.sum(1), g2.sum(0)
-        k = self.sketch_dim
-        s1 = self._gaussian(x.shape[1], k, x)
-        s2 = self._gaussian(d.shape[1], k, x)
-        rows = (d.T @ (x @ s1)).square_().sum(1)
-        cols = ((d @ s2).T @ x).square_().sum(0)
-        return rows, cols
+        s1, s2 = self.sketch_matrices(index, x)
+        return d.T @ (x @ s1), (d @ s2).T @ x
 
-    def _conv_sums(self, pair: LoraPair, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    def _conv_sums(self, index: int, pair: LoraPair, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         conv = pair.module.lora_A[pair.adapter]
         m, n, _ = pair.shape
         kernel = (x.shape[1], *conv.kernel_size)
@@ -131,19 +138,30 @@ class HookStatistics:
             g2 = conv2d_weight(x, (m, *kernel), d, **geometry).reshape(m, n).square_()
             return g2.sum(1), g2.sum(0)
         k = self.sketch_dim
+        s1, s2 = self.sketch_matrices(index, x)
         # X S1 for every patch is a convolution with k output channels; S2^T G is the weight
         # gradient of a k-output convolution whose output gradient is D S2.
-        s1 = self._gaussian(n, k, x)
         xs1 = F.conv2d(x, s1.T.reshape(k, *kernel), **geometry)
-        rows = torch.einsum("bmhw,bkhw->mk", d, xs1).square_().sum(1)
-        s2 = self._gaussian(m, k, x)
+        gs1 = torch.einsum("bmhw,bkhw->mk", d, xs1)
         ds2 = torch.einsum("bmhw,mk->bkhw", d, s2)
-        cols = conv2d_weight(x, (k, *kernel), ds2, **geometry).reshape(k, n).square_().sum(0)
-        return rows, cols
+        s2g = conv2d_weight(x, (k, *kernel), ds2, **geometry).reshape(k, n)
+        return gs1, s2g
+
+    def row_col_sums(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Turn stacked accumulated buffers into row and column sums of `G * G` (estimates)."""
+        if self.mode == "exact":
+            return a, b
+        return a.square().sum(-1), b.square().sum(-2)
 
     # -- life cycle ----------------------------------------------------------------------
     def reset(self) -> None:
         self.fresh = [None] * len(self.pairs)
+        self._sketches.clear()
+
+    def advance(self) -> None:
+        """Start the next step: drop the buffers and draw new sketch matrices."""
+        self.reset()
+        self.step += 1
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -154,10 +172,3 @@ class HookStatistics:
     @property
     def installed(self) -> bool:
         return bool(self._handles)
-
-    def generator_states(self) -> dict[str, Tensor]:
-        return {key: gen.get_state() for key, gen in self._generators.items()}
-
-    def load_generator_states(self, states: dict[str, Tensor]) -> None:
-        for key, state in states.items():
-            self._generator(torch.device(key)).set_state(state)

@@ -198,6 +198,24 @@ def test_gradient_accumulation_of_equal_micro_batches_equals_one_batch():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("stats", ["sketch", "tangent"])
+def test_accumulating_two_different_micro_batches_equals_their_union(stats):
+    (x1, y1), (x2, y2) = toy_batches(2)
+    union = make_toy()
+    with AdaPreLoRA.from_model(union, lr=0.02, stats=stats) as opt:
+        opt.zero_grad()
+        loss_fn(union, (torch.cat([x1, x2]), torch.cat([y1, y2]))).backward()
+        opt.step()
+    parts = make_toy()
+    with AdaPreLoRA.from_model(parts, lr=0.02, stats=stats) as opt:
+        opt.zero_grad()
+        for batch in ((x1, y1), (x2, y2)):
+            (loss_fn(parts, batch) / 2).backward()
+        opt.step()
+    for a, b in zip(union.parameters(), parts.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_clipping_bounds_the_rms_of_the_w_step():
     model = make_toy()
     pairs, _ = find_lora_pairs(model)

@@ -52,7 +52,14 @@ def test_sketch_statistics_are_unbiased():
     for i, pair in enumerate(pairs):
         x, d = captured[i]
         x = pair.module.lora_dropout[pair.adapter](x)
-        reduce = (lambda: hooks._linear_sums(x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1]))) if pair.kind == "linear" else (lambda: hooks._conv_sums(pair, x, d))
+        def reduce(i=i, pair=pair, x=x, d=d):
+            hooks.advance()  # new sketch matrices for every draw
+            if pair.kind == "linear":
+                a, b = hooks._linear_sums(i, x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1]))
+            else:
+                a, b = hooks._conv_sums(i, pair, x, d)
+            return hooks.row_col_sums(a, b)
+
         estimates = [reduce() for _ in range(draws)]
         rows = sum(e[0] for e in estimates) / draws
         cols = sum(e[1] for e in estimates) / draws
@@ -64,6 +71,28 @@ def test_sketch_statistics_are_unbiased():
             assert torch.corrcoef(torch.stack([est, true]))[0, 1] > 0.9
         # and a single sketch is really random (not the exact value in disguise)
         assert not torch.allclose(cols_est[0], cols_est[1])
+
+
+def test_sketches_are_linear_so_accumulation_sketches_the_summed_gradient():
+    model = make_toy()
+    pairs, _ = find_lora_pairs(model)
+    hooks = HookStatistics(pairs, "sketch", sketch_dim=5, seed=7)
+    first, second = toy_batches(2)
+    G1 = true_weight_gradients(model, first)
+    G2 = true_weight_gradients(model, second)
+    hooks.reset()
+    loss_fn(model, first).backward()
+    loss_fn(model, second).backward()
+    for i, pair in enumerate(pairs):
+        gs1, s2g, _, count = hooks.fresh[i]
+        s1, s2 = hooks.sketch_matrices(i, gs1)
+        G = G1[id(pair.module)] + G2[id(pair.module)]
+        torch.testing.assert_close(gs1, G @ s1, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(s2g, s2.T @ G, rtol=1e-10, atol=1e-12)
+        assert count == 2
+    before = hooks.sketch_matrices(0, gs1)[0].clone()
+    hooks.advance()
+    assert not torch.equal(hooks.sketch_matrices(0, gs1)[0], before)
 
 
 def test_accumulated_backward_passes_are_counted():
