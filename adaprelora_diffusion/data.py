@@ -337,12 +337,21 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
     the sampler (as ``accelerate``'s prepared DataLoader does each epoch) keeps order and
     augmentation in step. With ``persistent_workers=True`` the workers keep a stale dataset copy;
     leave that option off.
+
+    ``pad_to_multiple`` (the global batch: per-device batch x processes) repeats the start of the
+    epoch's permutation so its length is a multiple of it: every step then has a full global
+    batch, and N data-parallel processes see exactly the samples one process would (otherwise
+    the ragged last batch is filled differently by accelerate's even-batches padding).
     """
 
-    def __init__(self, data_source: Sequence, seed: int | torch.Generator | None = 0, shuffle: bool = True):
+    def __init__(self, data_source: Sequence, seed: int | torch.Generator | None = 0, shuffle: bool = True,
+                 pad_to_multiple: int = 1):
+        if pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple must be >= 1; got {pad_to_multiple!r}.")
         self.data_source = data_source
         self.seed = _resolve_seed(seed)
         self.shuffle = shuffle
+        self.pad_to_multiple = pad_to_multiple
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -351,14 +360,18 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
             self.data_source.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.data_source)
+        n = len(self.data_source)
+        return -(-n // self.pad_to_multiple) * self.pad_to_multiple
 
     def __iter__(self):
         n = len(self.data_source)
-        if not self.shuffle:
-            return iter(range(n))
-        gen = augment_generator(self.seed, self.epoch, 0, _RNG_STREAM_ORDER)
-        return iter(torch.randperm(n, generator=gen).tolist())
+        if self.shuffle:
+            gen = augment_generator(self.seed, self.epoch, 0, _RNG_STREAM_ORDER)
+            order = torch.randperm(n, generator=gen).tolist()
+        else:
+            order = list(range(n))
+        pad = len(self) - n
+        return iter(order + (order * (pad // n + 1))[:pad])
 
 
 def collate_fn(examples: list[dict], tokenizer=None) -> dict:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -167,6 +167,19 @@ def _loss(model_pred, target, timesteps, noise_scheduler, config: TrainConfig, n
     return loss
 
 
+def _fresh_accelerator_state() -> None:
+    """Let one process run `train` several times with different settings (the web app does).
+
+    accelerate keeps its state in process-wide singletons that refuse a second Accelerator with,
+    say, another mixed precision. There is no public reset; its own test-suite uses these. The
+    process-level state (device, process group) is kept when a process group exists.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+    GradientState._reset_state()
+
+
 # -- the loop -----------------------------------------------------------------------------
 def train(
     config: TrainConfig,
@@ -184,6 +197,7 @@ def train(
     emit = progress or (lambda event: None)
     stop = should_stop or (lambda: False)
 
+    _fresh_accelerator_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -203,11 +217,11 @@ def train(
     tokenizer, text_encoder, vae, unet, noise_scheduler = (components.tokenizer, components.text_encoder, components.vae,
                                                             components.unet, components.noise_scheduler)
     vae.requires_grad_(False)
+    set_seed(config.seed)  # the LoRA init (Gaussian A) draws from the global generators
     attach_lora(unet, text_encoder, config)
     device = accelerator.device
-    unet.to(device, dtype=weight_dtype)
-    vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
+    for module in (unet, vae, text_encoder):  # frozen weights in the compute dtype
+        module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
     for p in trainable_parameters(unet, text_encoder):  # LoRA weights stay float32 under mixed precision
         p.data = p.data.float()
     if config.gradient_checkpointing:
@@ -240,7 +254,7 @@ def train(
         class_prompt=config.class_prompt if class_dir else None,
         max_class_images=config.num_class_images if class_dir else None, seed=config.seed,
     )
-    sampler = EpochShuffleSampler(dataset, seed=config.seed)
+    sampler = EpochShuffleSampler(dataset, seed=config.seed, pad_to_multiple=config.train_batch_size * accelerator.num_processes)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                              collate_fn=collate_fn, num_workers=config.dataloader_num_workers)
 
@@ -379,6 +393,7 @@ def train(
     bar.close()
 
     accelerator.wait_for_everyone()
+    _check_ranks_in_sync(accelerator, params)
     result_lora = kohya = None
     if accelerator.is_main_process:
         raw_unet = accelerator.unwrap_model(unet)
@@ -406,6 +421,16 @@ def train(
     if hasattr(optimizer, "optimizer") and hasattr(optimizer.optimizer, "close"):
         optimizer.optimizer.close()
     return result
+
+
+def _check_ranks_in_sync(accelerator, params: dict[str, torch.Tensor]) -> None:
+    """Data-parallel ranks must hold identical LoRA weights; saving rank 0's would hide a bug."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in params.values()]).sum().reshape(1).to(accelerator.device)
+    gathered = accelerator.gather(checksum)
+    if not torch.all(gathered == gathered[0]):
+        raise TrainingError(f"Data-parallel ranks hold different LoRA weights (checksums {gathered.tolist()}); this is a bug, please report it.")
 
 
 def _micro_step(config, batch, positions, step, micro, unet, text_encoder, vae, tokenizer, noise_scheduler, prompt_cache,

@@ -396,3 +396,15 @@ def test_class_and_instance_augmentations_are_independent(tmp_path):
     cls = make_folder(tmp_path / "cls", n=1, size=(96, 32))
     ds = DreamBoothDataset(inst, "p", resolution=32, class_data_root=cls, class_prompt="c", repeats=8)
     assert any(not torch.equal(ds[i]["instance_pixel_values"], ds[i]["class_pixel_values"]) for i in range(8))
+
+
+def test_sampler_pads_each_epoch_to_a_multiple_of_the_global_batch():
+    from adaprelora_diffusion.data import EpochShuffleSampler
+
+    data = list(range(5))
+    plain = EpochShuffleSampler(data, seed=3)
+    padded = EpochShuffleSampler(data, seed=3, pad_to_multiple=4)
+    order = list(plain)
+    assert len(padded) == 8 and list(padded) == order + order[:3]
+    assert list(EpochShuffleSampler(data, seed=3, pad_to_multiple=5)) == order
+    assert len(list(EpochShuffleSampler([0, 1], seed=0, pad_to_multiple=5))) == 5

@@ -1,0 +1,163 @@
+"""The training loop end to end on the tiny pipeline: outputs, exact resume, bad input."""
+
+import errno
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adaprelora_diffusion.checkpointing as checkpointing
+import adaprelora_diffusion.training as training
+from adaprelora_diffusion.config import DEMO_SUBJECT_DIR, TrainConfig
+from adaprelora_diffusion.training import TrainingError, train
+
+
+@pytest.fixture(autouse=True)
+def tiny_default(tiny_pipeline_dir, monkeypatch):
+    """The no-model default resolves to the session's tiny pipeline, never ~/.cache."""
+    monkeypatch.setenv("ADAPRELORA_CACHE", str(tiny_pipeline_dir.parent))
+
+
+def config(tmp_path, **overrides) -> TrainConfig:
+    base = dict(output_dir=str(tmp_path / "out"), report_to="none", num_validation_images=0, max_train_steps=4,
+                checkpointing_steps=None)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def lora(result) -> dict:
+    return load_file(str(result.lora_path))
+
+
+def test_smoke_run_writes_lora_samples_card_and_checkpoints(tmp_path):
+    events = []
+    result = train(config(tmp_path, num_validation_images=2, validation_steps=2, checkpointing_steps=2,
+                          output_kohya_format=True), progress=events.append)
+    out = result.output_dir
+    assert result.global_step == 4 and not result.stopped_early and result.skipped_steps == 0
+    weights = lora(result)
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in weights.items())  # training moved B from 0
+    assert result.kohya_path.is_file()
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "validation" / "step-000000").is_dir() and (out / "validation" / "step-000004").is_dir()
+    assert (out / "README.md").is_file()
+    saved = json.loads((out / training.RUN_CONFIG_NAME).read_text())
+    assert saved["instance_data_dir"] == str(DEMO_SUBJECT_DIR) and saved["resolution"] == 64
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 4 and "checkpoint" in kinds
+    assert any(e.images for e in events if e.kind == "validation")
+
+
+@pytest.mark.parametrize("optimizer", ["adaprelora", "adamw"])
+def test_resumed_run_is_bit_identical(tmp_path, optimizer):
+    # 5 demo images, batch 2 -> 3 batches per epoch; accumulation 2 ends an epoch mid-window.
+    common = dict(optimizer=optimizer, train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=5,
+                  random_flip=True, train_text_encoder=True, lora_dropout=0.1, lr_scheduler="cosine", lr_warmup_steps=1)
+    straight = train(config(tmp_path / "a", **common))
+
+    stops = iter([False, False, True])  # stop cooperatively after step 3
+    first = train(config(tmp_path / "b", checkpointing_steps=2, **common), should_stop=lambda: next(stops, False))
+    assert first.stopped_early and first.global_step == 3
+    assert (first.output_dir / "checkpoint-3").is_dir()
+    resumed = train(config(tmp_path / "b", checkpointing_steps=2, resume_from_checkpoint="latest", **common))
+    assert resumed.global_step == 5
+    a, b = lora(straight), lora(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_text_encoder_is_trained_with_its_own_learning_rate(tmp_path):
+    result = train(config(tmp_path, train_text_encoder=True, text_encoder_lr=1e-3, optimizer="adamw"))
+    keys = lora(result).keys()
+    assert any(k.startswith("text_encoder") for k in keys) and any(k.startswith("unet") for k in keys)
+
+
+def test_mixed_precision_keeps_lora_weights_in_float32(tmp_path):
+    result = train(config(tmp_path, mixed_precision="bf16", max_train_steps=2))
+    assert all(t.dtype == torch.float32 for t in lora(result).values())
+
+
+def test_prior_preservation_generates_and_reuses_class_images(tmp_path):
+    class_dir = tmp_path / "class"
+    cfg = config(tmp_path, with_prior_preservation=True, class_prompt="a photo of a robot toy", class_data_dir=str(class_dir),
+                 num_class_images=3, max_train_steps=2)
+    train(cfg)
+    made = sorted(class_dir.glob("*.png"))
+    assert len(made) == 3
+    stamps = [p.stat().st_mtime_ns for p in made]
+    train(config(tmp_path, with_prior_preservation=True, class_prompt="a photo of a robot toy", class_data_dir=str(class_dir),
+                 num_class_images=3, max_train_steps=2, overwrite_output_dir=True))
+    assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    real_loss = training._loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(training, "_loss", sometimes_nan)
+    result = train(config(tmp_path))
+    assert result.skipped_steps == 1 and result.global_step == 4
+    assert all(torch.isfinite(t).all() for t in lora(result).values())
+
+    monkeypatch.setattr(training, "_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(config(tmp_path / "nan", max_consecutive_nonfinite=3))
+    assert not (tmp_path / "nan" / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    real_save = checkpointing.save_file
+    calls = {"n": 0}
+
+    def fill_disk(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save_file", fill_disk)
+    with pytest.raises(TrainingError, match="No space left.*checkpoint-2 is intact"):
+        train(config(tmp_path, checkpointing_steps=2))
+    out = tmp_path / "out"
+    assert [p.name for p in checkpointing.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint")]  # no half-written folder left
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(resolution=100), "multiple of 8"),
+        (dict(with_prior_preservation=True, class_data_dir="x"), "class_prompt"),
+        (dict(class_prompt="a dog"), "with_prior_preservation"),
+        (dict(optimizer="sgd"), "unknown"),
+        (dict(rank=0), "rank"),
+    ],
+)
+def test_bad_settings_are_rejected_before_loading(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        train(config(tmp_path, **overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_and_model_paths_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        train(config(tmp_path, instance_data_dir=str(empty), instance_prompt="a photo of sks dog"))
+    with pytest.raises((ValueError, FileNotFoundError), match="model_index.json|pipeline"):
+        train(config(tmp_path, pretrained_model_name_or_path=str(empty), overwrite_output_dir=True))
+
+
+def test_an_output_folder_with_another_run_is_protected(tmp_path):
+    train(config(tmp_path, max_train_steps=1))
+    with pytest.raises(TrainingError, match="holds another run"):
+        train(config(tmp_path, max_train_steps=1))
+    train(config(tmp_path, max_train_steps=1, overwrite_output_dir=True))
