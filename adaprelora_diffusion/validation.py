@@ -40,11 +40,12 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """Strip DDP / torch.compile wrappers (as ``accelerator.prepare`` adds) so diffusers sees the model.
 
     ``keep_fp32_wrapper=True``: the alternative rewrites ``module.forward`` in place, which would
-    change the model training continues with.
+    change the model training continues with. The compiled wrapper is dropped so that sampling
+    (eval mode, no grad) does not add recompilations to the training graph's cache.
     """
     from accelerate.utils import extract_model_from_parallel
 
-    return extract_model_from_parallel(module, keep_fp32_wrapper=True)
+    return extract_model_from_parallel(module, keep_fp32_wrapper=True, keep_torch_compile=False)
 
 
 @contextlib.contextmanager

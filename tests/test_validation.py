@@ -137,6 +137,13 @@ def test_runs_without_grad_and_under_the_requested_autocast(components):
     assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
 
 
+def test_accepts_modules_wrapped_for_parallel_training(components):
+    c = components
+    plain = arrays(generate(c, num_images=1))
+    wrapped = arrays(generate(c, num_images=1, unet=torch.nn.DataParallel(c.unet), text_encoder=torch.nn.DataParallel(c.text_encoder)))
+    np.testing.assert_array_equal(plain[0], wrapped[0])
+
+
 def test_bad_arguments_are_named(components):
     with pytest.raises(ValueError, match="prompt must be a non-empty"):
         generate(components, prompt="  ")
