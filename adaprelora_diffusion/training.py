@@ -254,9 +254,12 @@ def train(
         class_prompt=config.class_prompt if class_dir else None,
         max_class_images=config.num_class_images if class_dir else None, seed=config.seed,
     )
-    sampler = EpochShuffleSampler(dataset, seed=config.seed, pad_to_multiple=config.train_batch_size * accelerator.num_processes)
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
-                                             collate_fn=collate_fn, num_workers=config.dataloader_num_workers)
+    train_set, collate = dataset, collate_fn
+    if config.cache_latents:
+        train_set, collate = _LatentCache(dataset, vae, config, device, weight_dtype), _collate_latents
+    sampler = EpochShuffleSampler(train_set, seed=config.seed, pad_to_multiple=config.train_batch_size * accelerator.num_processes)
+    dataloader = torch.utils.data.DataLoader(train_set, batch_size=config.train_batch_size, sampler=sampler,
+                                             collate_fn=collate, num_workers=config.dataloader_num_workers)
 
     # Frozen text encoder: encode each distinct prompt once instead of every step.
     prompt_cache: dict[str, torch.Tensor] = {}
@@ -435,12 +438,15 @@ def _check_ranks_in_sync(accelerator, params: dict[str, torch.Tensor]) -> None:
 
 def _micro_step(config, batch, positions, step, micro, unet, text_encoder, vae, tokenizer, noise_scheduler, prompt_cache,
                 weight_dtype, device, accelerator) -> torch.Tensor:
-    pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
     rows = _all_positions(positions, batch)
-    with torch.no_grad():
-        dist = vae.encode(pixels).latent_dist
-        # the posterior sample, with noise keyed per row like the diffusion noise
-        latents = (dist.mean + dist.std * _keyed_randn(config, 3, step, micro, rows, dist.mean)) * vae.config.scaling_factor
+    if "latents" in batch:  # --cache_latents
+        latents = batch["latents"].to(device, dtype=weight_dtype)
+    else:
+        pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+            # the posterior sample, with noise keyed per row like the diffusion noise
+            latents = (dist.mean + dist.std * _keyed_randn(config, 3, step, micro, rows, dist.mean)) * vae.config.scaling_factor
     noise, timesteps = _sample_noise(latents, config, step, micro, rows, noise_scheduler.config.num_train_timesteps)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if config.train_text_encoder:
@@ -470,6 +476,51 @@ def _keyed_randn(config, stream: int, step: int, micro: int, rows: list[int], li
     draws = [torch.randn(like.shape[1:], generator=torch.Generator().manual_seed(_mix(config.seed, stream, step, micro, r)))
              for r in rows]
     return torch.stack(draws).to(like.device, like.dtype)
+
+
+class _LatentCache(torch.utils.data.Dataset):
+    """Every example encoded once by the VAE (--cache_latents): no VAE forward per step.
+
+    The crop and flip of each example are those of epoch 0, fixed for the whole run, and the
+    posterior sample is drawn once per example (keyed by its index).
+    """
+
+    def __init__(self, dataset: DreamBoothDataset, vae, config: TrainConfig, device, dtype):
+        if config.random_flip or not config.center_crop:
+            logger.warning("--cache_latents fixes each image's random crop/flip to the first epoch's draw.")
+        self.items = []
+        dataset.set_epoch(0)
+        with torch.no_grad():
+            for index in range(len(dataset)):
+                example = dataset[index]
+                item = {"instance_prompt": example["instance_prompt"],
+                        "instance_latents": self._encode(vae, example["instance_pixel_values"], config, index, 0, device, dtype)}
+                if "class_pixel_values" in example:
+                    item["class_prompt"] = example["class_prompt"]
+                    item["class_latents"] = self._encode(vae, example["class_pixel_values"], config, index, 1, device, dtype)
+                self.items.append(item)
+
+    @staticmethod
+    def _encode(vae, pixels, config, index, role, device, dtype) -> torch.Tensor:
+        dist = vae.encode(pixels[None].to(device, dtype=dtype)).latent_dist
+        gen = torch.Generator().manual_seed(_mix(config.seed, 4, index, role))
+        noise = torch.randn(dist.mean.shape[1:], generator=gen).to(device, dist.mean.dtype)
+        return ((dist.mean[0] + dist.std[0] * noise) * vae.config.scaling_factor).cpu()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def _collate_latents(examples: list[dict]) -> dict:
+    latents = [ex["instance_latents"] for ex in examples]
+    prompts = [ex["instance_prompt"] for ex in examples]
+    if "class_latents" in examples[0]:
+        latents += [ex["class_latents"] for ex in examples]
+        prompts += [ex["class_prompt"] for ex in examples]
+    return {"latents": torch.stack(latents), "prompts": prompts, "num_instance": len(examples)}
 
 
 class _adapters_disabled:

@@ -161,3 +161,91 @@ def test_an_output_folder_with_another_run_is_protected(tmp_path):
     with pytest.raises(TrainingError, match="holds another run"):
         train(config(tmp_path, max_train_steps=1))
     train(config(tmp_path, max_train_steps=1, overwrite_output_dir=True))
+
+
+def test_saved_lora_reproduces_the_trained_models_images_in_diffusers(tmp_path):
+    """The final validation images (made by the in-memory model) come back from the saved files."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from adaprelora_diffusion.tiny_pipeline import ensure_tiny_pipeline
+    from adaprelora_diffusion.validation import generate_images
+
+    cfg = config(tmp_path, num_validation_images=2, validation_steps=0, output_kohya_format=True, train_text_encoder=True,
+                 rank=4, lora_alpha=8, learning_rate=1e-2, optimizer="adamw")
+    result = train(cfg)
+    final = sorted((result.output_dir / "validation" / f"step-{result.global_step:06d}").glob("*.png"))
+    trained = [np.asarray(Image.open(p), dtype=np.int16) for p in final]
+    base = ensure_tiny_pipeline()
+    for weight_name in ("pytorch_lora_weights.safetensors", training.KOHYA_WEIGHT_NAME):
+        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+        before = generate_images(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=pipe.vae, tokenizer=pipe.tokenizer,
+                                 scheduler_config=pipe.scheduler.config, prompt=cfg.instance_prompt or "a photo of sks robot toy",
+                                 num_images=2, seed=0, resolution=64, num_inference_steps=4)
+        pipe.load_lora_weights(result.output_dir, weight_name=weight_name)
+        after = generate_images(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=pipe.vae, tokenizer=pipe.tokenizer,
+                                scheduler_config=pipe.scheduler.config, prompt="a photo of sks robot toy", num_images=2,
+                                seed=0, resolution=64, num_inference_steps=4)
+        for img, ref, plain in zip(after, trained, before):
+            got = np.asarray(img, dtype=np.int16)
+            assert np.abs(got - ref).max() <= 2, weight_name  # PNG rounding of the same float image
+            assert np.abs(np.asarray(plain, dtype=np.int16) - ref).max() > 2  # and the LoRA matters
+
+
+def test_cached_latents_encode_each_example_once(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    calls = {"n": 0}
+    real = AutoencoderKL.encode
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting)
+    result = train(config(tmp_path, cache_latents=True, max_train_steps=8, center_crop=True))
+    assert result.global_step == 8 and calls["n"] == len(list(DEMO_SUBJECT_DIR.glob("*.png")))
+
+
+def test_gradient_checkpointing_gives_the_same_lora(tmp_path):
+    plain = train(config(tmp_path / "a", max_train_steps=3))
+    checkpointed = train(config(tmp_path / "b", max_train_steps=3, gradient_checkpointing=True))
+    a, b = lora(plain), lora(checkpointed)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+
+
+def test_min_snr_weighting_and_noise_offset():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler()
+    pred, target = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([10, 500, 990])
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    alphas = scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    expected = (per_sample * torch.minimum(snr, torch.full_like(snr, 5.0)) / snr).mean()
+    got = training._loss(pred, target, t, scheduler, TrainConfig(snr_gamma=5.0), num_instance=3)
+    torch.testing.assert_close(got, expected)
+    with_prior = training._loss(pred, target, t, scheduler, TrainConfig(prior_loss_weight=0.5), num_instance=2)
+    torch.testing.assert_close(with_prior, per_sample[:2].mean() + 0.5 * per_sample[2:].mean())
+
+    latents = torch.zeros(2, 4, 8, 8)
+    plain, _ = training._sample_noise(latents, TrainConfig(), 3, 0, [0, 1], 1000)
+    offset, _ = training._sample_noise(latents, TrainConfig(noise_offset=0.1), 3, 0, [0, 1], 1000)
+    shift = offset - plain
+    assert shift.abs().max() > 0
+    torch.testing.assert_close(shift, shift[:, :, :1, :1].expand_as(shift))  # one constant per sample and channel
+
+
+def test_tensorboard_logs_loss_and_images(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(config(tmp_path, report_to="tensorboard", num_validation_images=1, validation_steps=2))
+    events = list((result.output_dir / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert "validation" in acc.Tags()["images"]
