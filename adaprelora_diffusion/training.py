@@ -397,6 +397,7 @@ def train(
 
     accelerator.wait_for_everyone()
     _check_ranks_in_sync(accelerator, params)
+    _let_collectives_settle(accelerator)
     result_lora = kohya = None
     if accelerator.is_main_process:
         raw_unet = accelerator.unwrap_model(unet)
@@ -434,6 +435,20 @@ def _check_ranks_in_sync(accelerator, params: dict[str, torch.Tensor]) -> None:
     gathered = accelerator.gather(checksum)
     if not torch.all(gathered == gathered[0]):
         raise TrainingError(f"Data-parallel ranks hold different LoRA weights (checksums {gathered.tolist()}); this is a bug, please report it.")
+
+
+def _let_collectives_settle(accelerator) -> None:
+    """Avoid a teardown deadlock of torch's gloo backend after the run's last collective.
+
+    Seen with torch 2.13 on CPU (2 processes): when `train` returns, the DDP Reducer is freed
+    with the GIL held and its ProcessGroupGloo destructor joins gloo's worker thread, while that
+    thread is still destroying the last collective's work object and waits for the GIL to drop
+    a tensor's Python reference. A barrier, then a short sleep (which releases the GIL), lets
+    the worker finish first. No collective follows this point.
+    """
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(0.2)
 
 
 def _micro_step(config, batch, positions, step, micro, unet, text_encoder, vae, tokenizer, noise_scheduler, prompt_cache,

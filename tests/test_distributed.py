@@ -20,7 +20,12 @@ def free_port() -> int:
 
 
 def run(cmd, tmp_path, env):
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        log = (err.stderr or b"").decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+        pytest.fail(f"timed out: {' '.join(cmd)}\n{out[-3000:]}\n{log[-5000:]}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

@@ -110,9 +110,7 @@ class AdaPreLoRA(LoraPairOptimizer):
         self._hooks: HookStatistics | None = None
         super().__init__(params, defaults)
         if stats != "tangent":
-            pairs = [pair for bucket in self._buckets for pair in bucket.pairs]
-            self._hooks = HookStatistics(pairs, stats, sketch_dim=sketch_dim, seed=seed)
-            self._hook_index = {id(pair): i for i, pair in enumerate(pairs)}
+            self._hooks = HookStatistics([b.pairs for b in self._buckets], stats, sketch_dim=sketch_dim, seed=seed)
 
     @classmethod
     def from_model(cls, model: nn.Module | Sequence[nn.Module | dict[str, Any]], **kwargs) -> AdaPreLoRA:
@@ -185,21 +183,12 @@ class AdaPreLoRA(LoraPairOptimizer):
             "Build a new optimizer, or use stats='tangent' which needs no hooks.",
         )
         hooks = self._hooks
-        k = hooks.sketch_dim
         per_bucket = []
         for w in work:
-            m, n, r = w.bucket.shape
-            a_shape, b_shape = ((m,), (n,)) if hooks.mode == "exact" else ((m, k), (k, n))
-            parts: list[list] = [[], [], [], []]
-            for pair in w.bucket.pairs:
-                buf = hooks.fresh[self._hook_index[id(pair)]]
-                if buf is None:  # not used in this step's forward: no information
-                    zero = torch.zeros((), dtype=w.bucket.dtype, device=w.bucket.device)
-                    buf = [zero.expand(a_shape), zero.expand(b_shape), zero.expand(m, r), 0]
-                for part, value in zip(parts, buf):
-                    part.append(value)
-            stacked = [torch.stack(t).to(w.bucket.dtype) for t in parts[:3]]
-            per_bucket.append([*stacked, torch.tensor(parts[3], dtype=w.bucket.dtype, device=w.bucket.device)])
+            buf = hooks.buffers[w.bucket.index]
+            if buf is None:  # no layer of this bucket ran forward this step: no information
+                buf = hooks._group_buffers(w.bucket.index, w.A)
+            per_bucket.append([t.to(w.bucket.dtype) for t in buf])
         self._all_reduce(per_bucket)
         # Ratio of the gradient step() receives to the one the hooks saw (1 unless a GradScaler
         # unscaled, or clipping rescaled, the gradients in between): one global least-squares
@@ -262,14 +251,16 @@ class AdaPreLoRA(LoraPairOptimizer):
         bias1 = (1.0 - beta1 ** step.clamp_min(1.0))[:, None, None]
         decay = 1.0 - lr * group["weight_decay"]
         if group["momentum"] == "gradient":
-            # Momenta of Ga = A.grad / s and Gb = B.grad / s. The step is linear in them, so the
-            # bias correction, the clipping factor and -lr / s all fold into the r x r P and Q.
-            Ma = self._ema_scaled(state["exp_avg_A"], w.grad_A, inv_s, beta1, active)
-            Mb = self._ema_scaled(state["exp_avg_B"], w.grad_B, inv_s, beta1, active)
+            # Momenta of the raw factor gradients (one lerp each). The step is linear in them, so
+            # 1/s (Ga = A.grad / s), the bias correction, the clipping factor and -lr / s all
+            # fold into the r x r P and Q instead of costing passes over factor-sized tensors.
+            Ma = self._ema_scaled(state["exp_avg_A"], w.grad_A, None, beta1, active)
+            Mb = self._ema_scaled(state["exp_avg_B"], w.grad_B, None, beta1, active)
             P, Ra, Rb, Q = factored_step(A, B, Ma, Mb, d1, d2, **solve)
-            coef = lr * inv_s / bias1
+            scale = inv_s / bias1  # turns the raw-momentum step into the step of Ga, Gb
+            coef = lr * inv_s * scale
             if clip is not None:
-                rms = (factored_w_step_sq_norm(A, B, P, Ra, Rb, Q) / (m * n)).sqrt()[:, None, None] / bias1
+                rms = (factored_w_step_sq_norm(A, B, P, Ra, Rb, Q) / (m * n)).sqrt()[:, None, None] * scale
                 coef = coef / (rms / clip).clamp_min(1.0)
             delta_A = torch.bmm(P * -coef, Ra)
             delta_B = torch.bmm(Rb, Q * -coef)
@@ -288,11 +279,11 @@ class AdaPreLoRA(LoraPairOptimizer):
 
     def _ema_scaled(self, buffer: Tensor, value: Tensor, scale: Tensor | None, beta: float, active: Tensor | None) -> Tensor:
         """`buffer <- beta buffer + (1 - beta) scale * value` in place (masked pairs unchanged)."""
+        if scale is not None:
+            value = value * scale
         if beta == 0.0:
-            return value * scale if scale is not None else value
-        weight = (1.0 - beta) if scale is None else (1.0 - beta) * scale
+            return value
         if active is None:
-            return buffer.mul_(beta).addcmul_(value, torch.as_tensor(weight, dtype=buffer.dtype, device=buffer.device))
-        updated = torch.addcmul(buffer * beta, value, torch.as_tensor(weight, dtype=buffer.dtype, device=buffer.device))
-        buffer.copy_(self._masked(active, updated, buffer))
+            return buffer.lerp_(value, 1.0 - beta)
+        buffer.copy_(self._masked(active, torch.lerp(buffer, value, 1.0 - beta), buffer))
         return buffer

@@ -36,6 +36,7 @@ class Bucket:
     group: int
     pairs: list[LoraPair]
     dtype: torch.dtype  # computation / state dtype: at least float32
+    index: int = 0  # position among the optimizer's buckets (stable across load_state_dict)
     state: dict[str, Tensor] = field(default_factory=dict)
     _scales: tuple[float, ...] = ()
     _scale_tensor: Tensor | None = None
@@ -43,6 +44,10 @@ class Bucket:
     def __post_init__(self) -> None:
         self.As = [p.A for p in self.pairs]
         self.Bs = [p.B for p in self.pairs]
+        # Stacked gradient buffers: each factor's .grad is a view into them, so backward
+        # accumulates straight into the stacks the batched math needs (no per-step copy).
+        self.grad_A = torch.zeros(len(self.As), *self.As[0].shape, dtype=self.As[0].dtype, device=self.As[0].device)
+        self.grad_B = torch.zeros(len(self.Bs), *self.Bs[0].shape, dtype=self.Bs[0].dtype, device=self.Bs[0].device)
         # Linear factors already are the matrices; conv kernels need a reshape to (r, n), (m, r).
         self.matrices = all(a.dim() == 2 for a in self.As) and all(b.dim() == 2 for b in self.Bs)
 
@@ -113,6 +118,7 @@ class LoraPairOptimizer(Optimizer):
         self.skipped_steps = 0
         self._buckets: list[Bucket] = []
         self._build_buckets()
+        self._install_grad_views()
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -155,7 +161,8 @@ class LoraPairOptimizer(Optimizer):
                 key = (tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.A.device)
                 by_key.setdefault(key, []).append(pair)
             for (_, _, dtype, _), members in by_key.items():
-                bucket = Bucket(group=gi, pairs=members, dtype=torch.promote_types(dtype, torch.float32))
+                bucket = Bucket(group=gi, pairs=members, dtype=torch.promote_types(dtype, torch.float32),
+                                index=len(self._buckets))
                 self._allocate(bucket, loaded)
                 self._buckets.append(bucket)
 
@@ -179,6 +186,41 @@ class LoraPairOptimizer(Optimizer):
                         entry[name].copy_(saved[name].reshape(entry[name].shape))
                 self.state[param] = entry
 
+    def _install_grad_views(self) -> None:
+        """Point every factor's .grad at its slot of the bucket's stacked buffer (zeroed).
+
+        A gradient already present (built before the optimizer) is kept by copying it in.
+        """
+        for bucket in self._buckets:
+            for stack, params in ((bucket.grad_A, bucket.As), (bucket.grad_B, bucket.Bs)):
+                for i, p in enumerate(params):
+                    if p.grad is not None and p.grad.data_ptr() != stack[i].data_ptr():
+                        stack[i].copy_(p.grad)
+                    elif p.grad is None:
+                        stack[i].zero_()
+                    p.grad = stack[i]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients; LoRA factors keep theirs as zeroed views of the stacked buffers.
+
+        For LoRA factors `set_to_none` is ignored (a view that is zero costs no extra memory
+        here: the buffers persist anyway); other parameters follow torch's behaviour.
+        """
+        for group in self.param_groups:
+            if group["lora"]:
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().requires_grad_(False).zero_()
+        for bucket in self._buckets:
+            bucket.grad_A.zero_()
+            bucket.grad_B.zero_()
+        self._install_grad_views()
+
     def _pair_state_shapes(self, m: int, n: int, r: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         """name -> (owner "A" or "B", per-pair shape) of the stacked per-pair state."""
         raise NotImplementedError
@@ -198,6 +240,7 @@ class LoraPairOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         lora_params = {id(p) for pairs in self._group_pairs for pair in pairs for p in (pair.A, pair.B)}
         self._build_buckets({pid: s for pid, s in originals.items() if pid in lora_params})
+        self._install_grad_views()
         self.skipped_steps = int(extra.pop("skipped_steps", 0))
         self._load_extra_state(extra)
 
@@ -213,6 +256,19 @@ class LoraPairOptimizer(Optimizer):
         for bucket in self._buckets:
             grads_a = [a.grad for a in bucket.As]
             grads_b = [b.grad for b in bucket.Bs]
+            if self._are_views(grads_a, bucket.grad_A) and self._are_views(grads_b, bucket.grad_B):
+                mats = lambda t: t if bucket.matrices else t.reshape(t.shape[0], t.shape[1], -1)  # noqa: E731
+                work.append(
+                    Gathered(
+                        bucket=bucket,
+                        A=self._stack(bucket, [a.detach() for a in bucket.As]),
+                        B=self._stack(bucket, [b.detach() for b in bucket.Bs]),
+                        grad_A=mats(bucket.grad_A).to(bucket.dtype),
+                        grad_B=mats(bucket.grad_B).to(bucket.dtype),
+                        active=None,
+                    )
+                )
+                continue
             missing = [ga is None or gb is None for ga, gb in zip(grads_a, grads_b)]
             if all(missing):
                 continue
@@ -232,6 +288,10 @@ class LoraPairOptimizer(Optimizer):
                 )
             )
         return work
+
+    @staticmethod
+    def _are_views(grads: list[Tensor | None], stack: Tensor) -> bool:
+        return all(g is not None and g.data_ptr() == stack[i].data_ptr() for i, g in enumerate(grads))
 
     @staticmethod
     def _stack(bucket: Bucket, tensors: list[Tensor]) -> Tensor:

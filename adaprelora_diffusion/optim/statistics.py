@@ -44,27 +44,51 @@ STATS_MODES = ("exact", "sketch", "tangent")
 
 
 class HookStatistics:
-    """Installs the hooks for a list of pairs and holds what they gathered since the last step.
+    """Installs the hooks for groups of same-shape pairs and holds what they gathered since the last step.
 
-    `fresh[i]` is `None` or `[a, b, ref (m, r), count]` for `pairs[i]`: with "exact", `a`, `b`
-    are the row (m,) and column (n,) sums of `G * G`; with "sketch" they are `G S1` (m, k) and
-    `S2^T G` (k, n). At least float32, allocated on the first backward after a reset and dropped
-    by `reset()`, so the buffers live only as long as gradients do. `step` numbers the sketches.
+    For each group (the optimizer's buckets), `buffers[g]` is `None` or `[a, b, ref, count]`,
+    stacked over the group's pairs so the optimizer uses them without copying: with "exact",
+    `a`, `b` are the row (k, m) and column (k, n) sums of `G * G`; with "sketch" they are
+    `G S1` (k, m, s) and `S2^T G` (k, s, n); `ref` is (k, m, r) and `count` (k,) counts backward
+    passes. At least float32, allocated at the first backward after a reset and dropped by
+    `reset()`, so they live only as long as gradients do. `step` numbers the sketches.
     """
 
-    def __init__(self, pairs: list[LoraPair], mode: str, sketch_dim: int = 16, seed: int = 0):
+    def __init__(self, groups: list[list[LoraPair]], mode: str, sketch_dim: int = 16, seed: int = 0):
         if mode not in ("exact", "sketch"):
             raise ValueError(f"HookStatistics needs mode 'exact' or 'sketch', got {mode!r}.")
-        self.pairs = pairs
+        self.groups = [list(g) for g in groups]
+        self.pairs = [pair for g in self.groups for pair in g]
+        self._slot = [(gi, i) for gi, g in enumerate(self.groups) for i in range(len(g))]
         self.mode = mode
         self.sketch_dim = sketch_dim
         self.seed = seed
-        self.fresh: list[list | None] = [None] * len(pairs)
+        self.buffers: list[list | None] = [None] * len(self.groups)
         self.step = 0
         self._sketches: dict[int, tuple[Tensor, Tensor]] = {}
         self._handles = []
-        for index, pair in enumerate(pairs):
+        for index, pair in enumerate(self.pairs):
             self._install(index, pair)
+
+    @property
+    def fresh(self) -> list[list | None]:
+        """Per pair: `[a, b, ref, count]` views of the group buffers, or None if not seen."""
+        out: list[list | None] = []
+        for gi, i in self._slot:
+            buf = self.buffers[gi]
+            count = 0 if buf is None else int(buf[3][i])
+            out.append(None if count == 0 else [buf[0][i], buf[1][i], buf[2][i], count])
+        return out
+
+    def _group_buffers(self, gi: int, like: Tensor) -> list:
+        if self.buffers[gi] is None:
+            m, n, r = self.groups[gi][0].shape
+            k, s = len(self.groups[gi]), self.sketch_dim
+            shapes = ((m,), (n,)) if self.mode == "exact" else ((m, s), (s, n))
+            opts = dict(dtype=like.dtype, device=like.device)
+            self.buffers[gi] = [torch.zeros(k, *shapes[0], **opts), torch.zeros(k, *shapes[1], **opts),
+                                torch.zeros(k, m, r, **opts), torch.zeros(k, **opts)]
+        return self.buffers[gi]
 
     # -- hooks ---------------------------------------------------------------------------
     def _install(self, index: int, pair: LoraPair) -> None:
@@ -112,14 +136,12 @@ class HookStatistics:
         else:
             ref = torch.einsum("bmhw,brhw->mr", grad_z, h)
             rows, cols = self._conv_sums(index, pair, x, grad_z / pair.scaling)
-        buf = self.fresh[index]
-        if buf is None:
-            self.fresh[index] = [rows, cols, ref, 1]
-        else:
-            buf[0].add_(rows)
-            buf[1].add_(cols)
-            buf[2].add_(ref)
-            buf[3] += 1
+        gi, i = self._slot[index]
+        buf = self._group_buffers(gi, ref)
+        buf[0][i].add_(rows)
+        buf[1][i].add_(cols)
+        buf[2][i].add_(ref)
+        buf[3][i] += 1
 
     def _linear_sums(self, index: int, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         """Exact: row/col sums of G^2. Sketch: G S1 and S2^T G, still linear in G."""
@@ -155,7 +177,7 @@ class HookStatistics:
 
     # -- life cycle ----------------------------------------------------------------------
     def reset(self) -> None:
-        self.fresh = [None] * len(self.pairs)
+        self.buffers = [None] * len(self.groups)
         self._sketches.clear()
 
     def advance(self) -> None:

@@ -24,7 +24,7 @@ def true_weight_gradients(model, batch):
 def test_exact_statistics_match_true_weight_gradient():
     model = make_toy()
     pairs, _ = find_lora_pairs(model)
-    hooks = HookStatistics(pairs, "exact")
+    hooks = HookStatistics([[p] for p in pairs], "exact")
     G = true_weight_gradients(model, toy_batches(1)[0])
     for i, pair in enumerate(pairs):
         rows, cols, ref, count = hooks.fresh[i]
@@ -40,7 +40,7 @@ def test_exact_statistics_match_true_weight_gradient():
 def test_sketch_statistics_are_unbiased():
     model = make_toy()
     pairs, _ = find_lora_pairs(model)
-    hooks = HookStatistics(pairs, "sketch", sketch_dim=4, seed=3)
+    hooks = HookStatistics([[p] for p in pairs], "sketch", sketch_dim=4, seed=3)
     captured = {}
     for i, pair in enumerate(pairs):  # keep each layer's input and output gradient
         def keep(module, args, output, i=i):
@@ -76,7 +76,7 @@ def test_sketch_statistics_are_unbiased():
 def test_sketches_are_linear_so_accumulation_sketches_the_summed_gradient():
     model = make_toy()
     pairs, _ = find_lora_pairs(model)
-    hooks = HookStatistics(pairs, "sketch", sketch_dim=5, seed=7)
+    hooks = HookStatistics([[p] for p in pairs], "sketch", sketch_dim=5, seed=7)
     first, second = toy_batches(2)
     G1 = true_weight_gradients(model, first)
     G2 = true_weight_gradients(model, second)
@@ -98,7 +98,7 @@ def test_sketches_are_linear_so_accumulation_sketches_the_summed_gradient():
 def test_accumulated_backward_passes_are_counted():
     model = make_toy()
     pairs, _ = find_lora_pairs(model)
-    hooks = HookStatistics(pairs, "exact")
+    hooks = HookStatistics([[p] for p in pairs], "exact")
     batch = toy_batches(1)[0]
     loss_fn(model, batch).backward()
     once = [b[0].clone() for b in hooks.fresh]
@@ -111,7 +111,7 @@ def test_accumulated_backward_passes_are_counted():
 def test_no_statistics_without_grad_and_hooks_removed():
     model = make_toy()
     pairs, _ = find_lora_pairs(model)
-    hooks = HookStatistics(pairs, "exact")
+    hooks = HookStatistics([[p] for p in pairs], "exact")
     with torch.no_grad():
         loss_fn(model, toy_batches(1)[0])
     assert all(b is None for b in hooks.fresh)
@@ -123,4 +123,4 @@ def test_no_statistics_without_grad_and_hooks_removed():
 
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="exact"):
-        HookStatistics([], "tangent")
+        HookStatistics([[]], "tangent")

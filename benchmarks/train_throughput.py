@@ -1,0 +1,154 @@
+"""Steps per second and peak memory of the DreamBooth training loop, per optimizer.
+
+Times the project's own `train()` (data, VAE, UNet forward/backward, optimizer, scheduler) from
+its step events, after a warm-up, in one subprocess per optimizer so peak memory is clean:
+
+    python benchmarks/train_throughput.py                                # CPU, tiny model
+    python benchmarks/train_throughput.py --model sd15 --device cuda --mixed_precision bf16
+
+`--model sd15` builds the real Stable Diffusion 1.5 architecture (UNet, VAE and a CLIP ViT-L/14
+sized text encoder) from configs with random weights, cached as a pipeline folder: nothing is
+downloaded. Its tokenizer is the project's small byte-level one, which changes nothing about
+the cost of the UNet step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CONFIGS = {
+    "adamw": ("adamw", {}),
+    "adaprelora[sketch]": ("adaprelora", {"adaprelora_stats": "sketch"}),
+    "adaprelora[exact]": ("adaprelora", {"adaprelora_stats": "exact"}),
+    "adaprelora[tangent]": ("adaprelora", {"adaprelora_stats": "tangent"}),
+    "scaled_adamw": ("scaled_adamw", {}),
+    "lorapro": ("lorapro", {}),
+    "loraplus": ("loraplus", {}),
+}
+
+
+def build_sd15_pipeline(folder: Path) -> Path:
+    """The SD 1.5 architecture with random weights, saved once as a diffusers pipeline folder."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from adaprelora_diffusion.reference_configs import SD15_UNET_CONFIG
+    from adaprelora_diffusion.tiny_pipeline import write_tokenizer_files
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    tok_dir = write_tokenizer_files(Path(tempfile.mkdtemp()))
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                                hidden_act="quick_gelu"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, sample_size=512)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tmp = folder.with_name(folder.name + ".tmp")
+    pipe.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def worker(args) -> None:
+    """One optimizer, one process: run train() and print a JSON line."""
+    import torch
+
+    from adaprelora_diffusion.config import TrainConfig
+    from adaprelora_diffusion.training import train
+
+    name, extra = CONFIGS[args.worker]
+    model = None
+    if args.model == "sd15":
+        model = str(build_sd15_pipeline(Path(args.cache) / "sd15-random"))
+    stamps: list[float] = []
+    out = tempfile.mkdtemp()
+    config = TrainConfig(pretrained_model_name_or_path=model, output_dir=out, optimizer=name, report_to="none",
+                         num_validation_images=0, max_train_steps=args.warmup + args.steps, rank=args.rank,
+                         resolution=args.resolution, mixed_precision=args.mixed_precision, checkpointing_steps=None,
+                         cpu=args.device == "cpu", seed=0, **extra)
+    if torch.cuda.is_available() and args.device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    train(config, progress=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None)
+    timed = stamps[args.warmup:]
+    result = {
+        "optimizer": args.worker,
+        "steps_per_s": (len(timed) - 1) / (timed[-1] - timed[0]),
+        "peak_mib": (torch.cuda.max_memory_allocated() / 2**20 if args.device != "cpu"
+                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def device_name(device: str) -> str:
+    if device != "cpu":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny) or 512 (sd15)")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--optimizers", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--cache", default=os.path.expanduser("~/.cache/adaprelora_diffusion"))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = 512 if args.model == "sd15" else 64
+    if args.worker:
+        return worker(args)
+
+    results = []
+    for opt in args.optimizers:
+        cmd = [sys.executable, __file__, "--worker", opt, *[a for a in (argv if argv is not None else sys.argv[1:])
+                                                           if a not in args.optimizers and a != "--optimizers"]]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{opt}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(line[len("RESULT "):]))
+        print(f"  measured {opt}", file=sys.stderr, flush=True)
+    base = next((r for r in results if r["optimizer"] == "adamw"), None)
+    print(f"training loop, {args.model} model at {args.resolution}px, rank {args.rank}, batch 1, mixed precision "
+          f"{args.mixed_precision}; {args.steps} steps after {args.warmup} warm-up\ndevice: {device_name(args.device)}\n")
+    print("| optimizer | steps/s | step time x AdamW | peak memory MiB |")
+    print("|---|---:|---:|---:|")
+    for r in results:
+        ratio = f"{base['steps_per_s'] / r['steps_per_s']:.3f}" if base else "-"
+        print(f"| {r['optimizer']} | {r['steps_per_s']:.2f} | {ratio} | {r['peak_mib']:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name(args.device), "args": vars(args) | {"json": str(args.json)},
+                                         "results": results}, indent=2, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()
