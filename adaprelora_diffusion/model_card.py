@@ -9,6 +9,8 @@ either way, in the loading snippet.
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -212,28 +214,14 @@ def build_model_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def write_model_card(
-    output_dir: str | os.PathLike,
-    *,
-    base_model: str | os.PathLike | None,
-    instance_prompt: str,
-    validation_prompt: str | None = None,
-    optimizer: str | None = None,
-    settings: Mapping,
-    sample_images: Sequence[str | os.PathLike] = (),
-    train_text_encoder: bool = False,
-    kohya_file: str | os.PathLike | None = None,
-) -> Path:
-    """Write ``output_dir/README.md`` atomically and return its path.
+def write_model_card(output_dir: str | os.PathLike, **card: Any) -> Path:
+    """Write ``output_dir/README.md`` atomically and return its path; ``card`` are the keyword
+    arguments of :func:`build_model_card`.
 
     ``base_model`` is what training loaded (Hub id, folder, single file, or ``None`` for the tiny
     pipeline). ``sample_images`` and ``kohya_file`` must lie inside ``output_dir`` (absolute, or
     relative to it); the card links them relatively. Every ``settings`` entry becomes a table row.
     """
-    card = build_model_card(
-        output_dir, base_model=base_model, instance_prompt=instance_prompt, validation_prompt=validation_prompt,
-        optimizer=optimizer, settings=settings, sample_images=sample_images,
-        train_text_encoder=train_text_encoder, kohya_file=kohya_file,
-    )
+    text = str(build_model_card(output_dir, **card))
     target = Path(output_dir) / CARD_NAME
-    return _atomic_write(target, lambda tmp: tmp.write_text(str(card), encoding="utf-8"))
+    return _atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
