@@ -113,9 +113,9 @@ def _optimizer_kwargs(config: TrainConfig) -> dict[str, Any]:
         return kw
     if config.optimizer == "lorapro":
         return dict(damping=config.lorapro_damping, weight_decay=config.adam_weight_decay, betas=betas, adamw_eps=config.adam_epsilon)
-    if config.optimizer == "adafactor":
-        return dict(weight_decay=config.adam_weight_decay)
-    return dict(weight_decay=config.adam_weight_decay)
+    if config.optimizer == "soap":
+        return dict(betas=betas, weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    return dict(weight_decay=config.adam_weight_decay)  # adafactor keeps its own second-moment schedule
 
 
 def _encode_prompts(text_encoder, tokenizer, prompts: list[str], device) -> torch.Tensor:
@@ -389,11 +389,8 @@ def train(
             else:
                 state.epoch += 1
                 state.batches_in_epoch = 0
-    except KeyboardInterrupt:
-        # Reached only on a second Ctrl-C (the CLI turns the first into a cooperative stop).
+    finally:  # also on a second Ctrl-C (the CLI turns the first into a cooperative stop)
         bar.close()
-        raise
-    bar.close()
 
     accelerator.wait_for_everyone()
     _check_ranks_in_sync(accelerator, params)

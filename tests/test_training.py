@@ -249,3 +249,13 @@ def test_tensorboard_logs_loss_and_images(tmp_path):
     acc = EventAccumulator(str(events[0].parent)).Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
     assert "validation" in acc.Tags()["images"]
+
+
+@pytest.mark.parametrize("optimizer", ["adaprelora", "adamw", "loraplus", "scaled_adamw", "adafactor", "lorapro", "soap"])
+def test_every_optimizer_trains_through_the_loop(tmp_path, optimizer):
+    if optimizer == "soap":
+        pytest.importorskip("pytorch_optimizer")
+    result = train(config(tmp_path, optimizer=optimizer, max_train_steps=2, train_text_encoder=True))
+    weights = lora(result)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in weights.items())
