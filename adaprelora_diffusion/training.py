@@ -192,8 +192,16 @@ def train(
     kind, _ = resolve_model_source(config.pretrained_model_name_or_path)
     config = config.resolved(tiny=kind == "tiny")
     config.validate()
-    output_dir = Path(config.output_dir)
+    output_dir = Path(config.output_dir).resolve()  # relative paths are resolved once, here
     check_output_dir(output_dir, config)
+    resume_path = None
+    if config.resume_from_checkpoint:  # before loading anything: a wrong path fails fast
+        try:
+            resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
+        except CheckpointError as err:
+            raise TrainingError(str(err)) from err
+        if resume_path is None:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run.", output_dir)
     emit = progress or (lambda event: None)
     stop = should_stop or (lambda: False)
 
@@ -289,13 +297,13 @@ def train(
               for n, p in accelerator.unwrap_model(m).named_parameters() if p.requires_grad}
 
     state = LoopState()
-    if config.resume_from_checkpoint:
-        path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
-        if path is None:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run.", output_dir)
-        else:
-            state = load_checkpoint(path, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=accelerator.scaler)
-            logger.info("Resumed from %s at step %d.", path, state.global_step)
+    if resume_path is not None:
+        try:
+            state = load_checkpoint(resume_path, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                    scaler=accelerator.scaler)
+        except CheckpointError as err:
+            raise TrainingError(str(err)) from err
+        logger.info("Resumed from %s at step %d.", resume_path, state.global_step)
 
     if accelerator.is_main_process and config.report_to != "none":
         hparams = {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
@@ -581,7 +589,7 @@ def _validate(config, accelerator, unet, text_encoder, vae, tokenizer, noise_sch
         resolution=config.resolution, num_inference_steps=config.num_validation_inference_steps, device=accelerator.device,
         autocast_dtype=weight_dtype if weight_dtype != torch.float32 else None,
     )
-    paths = save_validation_images(images, Path(config.output_dir), step, prompt)
+    paths = save_validation_images(images, Path(config.output_dir).resolve(), step, prompt)
     if config.report_to != "none":
         log_images(accelerator.trackers, images, step, tag="validation_final" if final else "validation")
     emit(ProgressEvent("validation", step, config.max_train_steps, images=images, message=prompt))

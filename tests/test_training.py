@@ -259,3 +259,21 @@ def test_every_optimizer_trains_through_the_loop(tmp_path, optimizer):
     weights = lora(result)
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert any("lora_B" in k and t.abs().sum() > 0 for k, t in weights.items())
+
+
+def test_checkpoint_limit_and_resume_from_an_explicit_path(tmp_path):
+    first = train(config(tmp_path, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=2))
+    assert [p.name for p in checkpointing.list_checkpoints(first.output_dir)] == ["checkpoint-2", "checkpoint-3"]
+    resumed = train(config(tmp_path, max_train_steps=4, resume_from_checkpoint=str(first.output_dir / "checkpoint-2")))
+    assert resumed.global_step == 4
+    with pytest.raises(TrainingError, match="not a complete checkpoint"):
+        train(config(tmp_path, max_train_steps=4, resume_from_checkpoint=str(tmp_path / "nowhere")))
+
+
+def test_relative_output_dir_as_in_the_readme_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = train(TrainConfig(output_dir="run", report_to="none", max_train_steps=2, num_validation_images=1,
+                               validation_steps=1, checkpointing_steps=None))
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "validation/step-000002/00.png" in card and (tmp_path / "run" / "validation" / "step-000002" / "00.png").is_file()
+    assert result.lora_path == tmp_path / "run" / "pytorch_lora_weights.safetensors"
