@@ -5,11 +5,13 @@ Protocol (adaprelora_diffusion/quality/harness.py): every config gets its own lo
 remaining edge hit is flagged), the same seeds and step budget; the best lr minimises the seed
 mean of the final primary held-out metric. Reported: that mean +- std (sample std over seeds),
 the first evaluated step where the seed-mean curve reaches AdamW's best-tuned final value,
-wall time per run, and peak optimizer state bytes.
+wall time per run, and peak optimizer state bytes. Every run uses the same lr schedule (--schedule,
+cosine decay to 0 by default) applied as a multiplier on each param group's lr.
 
 Tasks (adaprelora_diffusion/quality/tasks.py):
-  T1  low-rank regression (96 x 64 layer, rank-6 change, LoRA rank 4, 300 steps)
+  T1  low-rank regression (96 x 64 layer, rank-6 change, LoRA rank 4, 300 steps, batch 32)
   T2  tiny Llama-style LM pretrained on one synthetic language (cached), LoRA-adapted to another
+      (rank 4 on q/k/v/o/gate/up/down, 150 steps of 16 sequences)
 
     python benchmarks/optimizer_quality.py                       # full T1 + T2 (~15 min, 2 CPU cores)
     python benchmarks/optimizer_quality.py --quick --out /tmp/q  # smoke run, well under a minute
@@ -43,13 +45,24 @@ def _half_decades(lo_exp: float, hi_exp: float) -> tuple[float, ...]:
     return tuple(float(f"{10 ** (lo_exp + i / 2):.3g}") for i in range(n + 1))
 
 
-# lr grids per optimizer family (half-decade log grids). Tasks may override a family's grid
-# with a `lr_grids` attribute; the sweep extends past an edge when the best lr lands there.
+# lr grids per optimizer family (half-decade log grids, placed by a one-seed pilot on T1 over
+# 1e-5..30); TASK_GRIDS overrides them per task. The sweep extends past an edge hit.
 FAMILY_GRIDS = {
     "adam": _half_decades(-3, 0),  # lr is Adam's lr on the factors (or on W for AdaPreLoRA)
     "loraplus": _half_decades(-3.5, -1),  # B's lr is 16x this
     "adafactor": _half_decades(-2, 0.5),  # torch's Adafactor: lr relative to the parameter RMS
     "lorapro": _half_decades(-1, 1.5),  # plain (momentum-free, unnormalised) gradient steps on W
+}
+
+# Per-task grids replacing a family's default: 5 points around the best lrs of a one-seed pilot
+# over 3e-4..3 (T2 runs cost ~2 s each, so its grids are narrower than T1's).
+TASK_GRIDS = {
+    "T2": {
+        "adam": _half_decades(-2.5, -0.5),
+        "loraplus": _half_decades(-3, -1),
+        "adafactor": _half_decades(-1.5, 0.5),
+        "lorapro": _half_decades(-0.5, 1.5),
+    },
 }
 
 # label -> (make_optimizer name, kwargs, family). AdaPreLoRA variants change one setting each
@@ -92,8 +105,8 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def grid_for(task, family: str, quick: bool, override) -> tuple[float, ...]:
-    grid = tuple(override) if override else getattr(task, "lr_grids", {}).get(family, FAMILY_GRIDS[family])
+def grid_for(task_name: str, family: str, quick: bool, override) -> tuple[float, ...]:
+    grid = tuple(override) if override else TASK_GRIDS.get(task_name, {}).get(family, FAMILY_GRIDS[family])
     if quick and not override:
         mid = len(grid) // 2
         grid = grid[mid - 1 : mid + 1]
@@ -141,6 +154,17 @@ def summarize(task, results: list[ConfigResult], sweep_walls: dict[str, float]) 
         "name": task.name, "description": task.description, "steps": task.steps, "eval_every": task.eval_every,
         "metrics": list(task.metrics), "reference": task.reference, "adamw_target": target, "configs": configs,
     }
+
+
+def _strict_json(value):
+    """Non-finite floats (diverged runs) become null, so the file is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _fmt(x: float) -> str:
@@ -206,7 +230,7 @@ def main(argv=None):
         results, walls = [], {}
         for label in labels:
             name, kwargs, family = CONFIGS[label]
-            config = Config(label, name, kwargs, grid_for(task, family, args.quick, args.lr_grid))
+            config = Config(label, name, kwargs, grid_for(task_name, family, args.quick, args.lr_grid))
             t0 = time.perf_counter()
             results.append(sweep(task, config, list(range(seeds)), extend=extend, schedule=args.schedule, log=log))
             walls[label] = time.perf_counter() - t0
@@ -226,7 +250,7 @@ def main(argv=None):
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "optimizer_quality.md").write_text(text)
-    (args.out / "optimizer_quality.json").write_text(json.dumps(payload, indent=2, allow_nan=True))
+    (args.out / "optimizer_quality.json").write_text(json.dumps(_strict_json(payload), indent=2, allow_nan=False))
     return payload
 
 

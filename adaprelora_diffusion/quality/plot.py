@@ -23,7 +23,7 @@ def plot_curves(path: str | Path, title: str, ylabel: str, curves: dict[str, tup
     in the legend as "(diverged)".
     """
     W, H = size
-    left, right, top, bottom = 80, 250, 40, 50
+    left, right, top, bottom = 80, 250, 50, 50
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -47,9 +47,9 @@ def plot_curves(path: str | Path, title: str, ylabel: str, curves: dict[str, tup
         return x, y
 
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    draw.text((left, 12), title, fill="black", font=font)
+    draw.text((left, 8), title, fill="black", font=font)
     draw.text((W - right - 60, H - 20), "step", fill="black", font=font)
-    draw.text((5, 12), ylabel + (" (log)" if log_y else ""), fill="black", font=font)
+    draw.text((5, 28), ylabel + (" (log)" if log_y else ""), fill="black", font=font)
     for i in range(5):
         t = y_lo + (y_hi - y_lo) * i / 4
         y = H - bottom - i / 4 * (H - top - bottom)

@@ -234,8 +234,8 @@ class LanguageAdaptation:
     metrics = ("loss", "accuracy")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-    def __init__(self, spec: PretrainSpec = PretrainSpec(), r=4, steps=200, batch=16, change=0.35,
-                 eval_every=20, n_eval=256, log=lambda s: None):
+    def __init__(self, spec: PretrainSpec = PretrainSpec(), r=4, steps=150, batch=16, change=0.35,
+                 eval_every=15, n_eval=192, log=lambda s: None):
         self.spec, self.r, self.steps, self.batch, self.eval_every = spec, r, steps, batch, eval_every
         self.state = pretrained_lm(spec, log)
         _, base = markov_table(spec.vocab, spec.language_seed)
