@@ -3,7 +3,9 @@
 Protocol (adaprelora_diffusion/quality/harness.py): every config gets its own log-spaced lr grid
 (per optimizer family, extended by up to --extend points when the best lr sits at an edge; a
 remaining edge hit is flagged), the same seeds and step budget; the best lr minimises the seed
-mean of the final primary held-out metric. Reported: that mean +- std (sample std over seeds),
+mean of the final primary held-out metric, and is then re-run on as many fresh seeds (unless
+--same-seeds), so the reported numbers are not the ones the lr was picked on. Reported: the
+mean +- std (sample std over seeds) of those runs,
 the first evaluated step where the seed-mean curve reaches AdamW's best-tuned final value,
 wall time per run, and peak optimizer state bytes. Every run uses the same lr schedule (--schedule,
 cosine decay to 0 by default) applied as a multiplier on each param group's lr.
@@ -171,11 +173,12 @@ def _fmt(x: float) -> str:
     return "inf" if not math.isfinite(x) else f"{x:.4g}"
 
 
-def markdown(summary: dict, seeds: int) -> str:
+def markdown(summary: dict, seeds: int, fresh: bool) -> str:
     metrics = summary["metrics"]
     ref = ", ".join(f"{k} = {_fmt(v)}" for k, v in summary["reference"].items())
     lines = [
-        f"### {summary['name']}: {summary['description']} ({summary['steps']} steps, {seeds} seed(s), eval every {summary['eval_every']})",
+        f"### {summary['name']}: {summary['description']} ({summary['steps']} steps, eval every {summary['eval_every']}; "
+        + (f"lr picked on {seeds} seed(s), reported on {seeds} fresh seed(s))" if fresh else f"{seeds} seed(s))"),
         "",
         f"Reference: {ref}." if ref else "",
         "",
@@ -199,6 +202,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, help="seeds per lr (default 3; --quick: 1)")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="one lr grid for every config (overrides family grids)")
     parser.add_argument("--extend", type=int, help="max grid points added past an edge hit (default 2; --quick: 0)")
+    parser.add_argument("--same-seeds", action="store_true",
+                        help="report the sweep's own seeds at the best lr instead of re-running it on fresh seeds "
+                             "(implied by --quick)")
     parser.add_argument("--schedule", default="cosine", choices=list(SCHEDULES), help="lr schedule, the same for every config")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed, 2 lrs, 3 optimizers: a smoke test")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -211,6 +217,8 @@ def main(argv=None):
         parser.error(f"--extend must be >= 0, got {extend}.")
     if args.lr_grid and any(not (lr > 0 and math.isfinite(lr)) for lr in args.lr_grid):
         parser.error(f"--lr-grid values must be finite and > 0, got {args.lr_grid}.")
+    fresh = not (args.same_seeds or args.quick)
+    report_seeds = list(range(seeds, 2 * seeds)) if fresh else None
     labels = args.optimizers or (QUICK_CONFIGS if args.quick else list(CONFIGS))
 
     def log(msg):
@@ -219,8 +227,10 @@ def main(argv=None):
     t_suite = time.perf_counter()
     payload = {
         "device": device_name(), "torch": torch.__version__, "quick": args.quick, "seeds": list(range(seeds)),
+        "report_seeds": report_seeds or list(range(seeds)),
         "schedule": args.schedule,
-        "protocol": "best lr per config by seed-mean final primary metric; same seeds and budget for all",
+        "protocol": "best lr per config by seed-mean final primary metric over `seeds`; reported metrics from "
+                    "`report_seeds` at that lr; same seeds, budget and schedule for all",
         "tasks": {},
     }
     sections = []
@@ -232,12 +242,13 @@ def main(argv=None):
             name, kwargs, family = CONFIGS[label]
             config = Config(label, name, kwargs, grid_for(task_name, family, args.quick, args.lr_grid))
             t0 = time.perf_counter()
-            results.append(sweep(task, config, list(range(seeds)), extend=extend, schedule=args.schedule, log=log))
+            results.append(sweep(task, config, list(range(seeds)), extend=extend, schedule=args.schedule,
+                                 report_seeds=report_seeds, log=log))
             walls[label] = time.perf_counter() - t0
         summary = summarize(task, results, walls)
         summary["task_wall_s"] = time.perf_counter() - t_task
         payload["tasks"][task_name] = summary
-        sections.append(markdown(summary, seeds))
+        sections.append(markdown(summary, seeds, fresh))
         args.out.mkdir(parents=True, exist_ok=True)
         curves = {c["label"]: (c["curve"]["steps"], c["curve"]["mean"]) for c in summary["configs"]}
         plot_curves(args.out / f"{task_name}_curves.png", f"{task_name} {task.description}: best-tuned, mean of {seeds} seed(s)",

@@ -85,10 +85,12 @@ class ConfigResult:
     runs: dict[float, list[RunResult]]
     best_lr: float
     edge: str | None  # "low" / "high" if the best lr is still at the grid's edge
+    report: list[RunResult] | None = None  # best lr re-run on fresh seeds, if asked for
 
     @property
     def best(self) -> list[RunResult]:
-        return self.runs[self.best_lr]
+        """The runs to report: fresh-seed re-runs when present, else the sweep's own runs."""
+        return self.report if self.report is not None else self.runs[self.best_lr]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -174,9 +176,15 @@ def _score(runs: list[RunResult], metric: str) -> float:
 
 
 def sweep(task: Task, config: Config, seeds: Sequence[int], extend: int = 2, schedule: str = "cosine",
-          log: Callable[[str], None] = lambda s: None) -> ConfigResult:
+          report_seeds: Sequence[int] | None = None, log: Callable[[str], None] = lambda s: None) -> ConfigResult:
     """Sweep ``config.grid`` over ``seeds``; if the best lr is at an edge, add up to ``extend``
-    grid points beyond it (same log spacing), then report whether it is still at the edge."""
+    grid points beyond it (same log spacing), then report whether it is still at the edge.
+
+    With ``report_seeds`` the best lr is re-run on those seeds and they are what `best` reports:
+    picking the lr on the same seeds that are reported favours whichever config got lucky
+    seeds (winner's curse), most of all when differences are within the seed noise."""
+    if report_seeds is not None and set(report_seeds) & set(seeds):
+        raise ValueError(f"report_seeds {list(report_seeds)} must not overlap the sweep's seeds {list(seeds)}.")
     grid = sorted(config.grid)
     if not grid or any(not (lr > 0 and math.isfinite(lr)) for lr in grid):
         raise ValueError(f"config {config.label!r} needs a non-empty grid of positive lrs, got {config.grid!r}.")
@@ -206,7 +214,11 @@ def sweep(task: Task, config: Config, seeds: Sequence[int], extend: int = 2, sch
         edge = "low"
     elif len(grid) > 1 and best == grid[-1]:
         edge = "high"
-    return ConfigResult(config, grid, runs, best, edge)
+    report = None
+    if report_seeds is not None:
+        report = [run_one(task, config, best, s, schedule) for s in report_seeds]
+        log(f"  {task.name} {config.label} lr={best:.3g} on fresh seeds: {metric}={_score(report, metric):.4g}")
+    return ConfigResult(config, grid, runs, best, edge, report)
 
 
 def mean_curve(runs: list[RunResult]) -> tuple[list[int], list[float]]:

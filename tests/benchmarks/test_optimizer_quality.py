@@ -141,6 +141,28 @@ def test_sweep_extends_past_an_edge_and_flags_a_remaining_one():
     assert res.best_lr == pytest.approx(1e-2) and res.edge == "high"
 
 
+def test_best_lr_is_reported_on_fresh_seeds_when_asked():
+    sign = Config("sign", "adamw", SIGN_STEP, grid=(1e-2, 1e-1, 1.0))
+    res = sweep(_Bowl(), sign, [0, 1], extend=0, schedule="constant", report_seeds=[2, 3])
+    assert [r.seed for r in res.best] == [2, 3] and all(r.lr == res.best_lr for r in res.best)
+    assert [r.seed for r in res.runs[res.best_lr]] == [0, 1]
+    with pytest.raises(ValueError, match="must not overlap"):
+        sweep(_Bowl(), sign, [0, 1], report_seeds=[1, 2])
+
+
+def test_full_mode_cli_reports_fresh_seeds(tmp_path, cache):
+    out = tmp_path / "out"
+    payload = load().main(["--tasks", "T1", "--optimizers", "adamw", "--seeds", "1", "--lr-grid", "0.01", "0.1",
+                           "--extend", "0", "--out", str(out)])
+    torch.set_num_threads(1)
+    assert payload["seeds"] == [0] and payload["report_seeds"] == [1]
+    config = payload["tasks"]["T1"]["configs"][0]
+    picked = next(s for s in config["sweep"] if s["lr"] == config["best_lr"])
+    # the reported value comes from the fresh seed's run, not from the sweep's
+    assert config["final"]["excess_mse"]["mean"] != picked["mean"]
+    assert "reported on 1 fresh seed(s)" in (out / "optimizer_quality.md").read_text()
+
+
 def test_diverged_run_is_flagged_and_never_best():
     res = sweep(_Bowl(), Config("sign", "adamw", SIGN_STEP, grid=(1e-3, 1e3)), [0], extend=0, schedule="constant")
     assert res.best_lr == 1e-3 and res.edge == "low"
