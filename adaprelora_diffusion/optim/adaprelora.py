@@ -23,13 +23,13 @@ from .statistics import STATS_MODES, HookStatistics
 
 __all__ = ["AdaPreLoRA", "DEFAULT_STATS"]
 
-# Provisional until the quality benchmarks settle it. Measured on a synthetic low-rank regression
-# (96 x 64 layer, rank-4 target with row/column scales spread over 100x, 300 steps, each mode at
-# its best lr of a log grid, mean of 2 seeds), held-out MSE: exact 4.4e-6, sketch 8.2e-6,
-# tangent 0.71 (AdamW 5.2e-4). Sketch is as good as exact within noise there, costs
-# O(T (m + n) k) in backward instead of a full m x n matmul per layer (SD 1.5 shapes: 42 ms vs
-# 260 ms of backward in benchmarks/optimizer_step.py), and is exact under gradient accumulation
-# and data parallelism.
+# Provisional until the diffusion task (T3) of benchmarks/optimizer_quality.py settles it. Evidence
+# so far (best-tuned lr per mode, mean of 3 fresh seeds, benchmarks/results/optimizer_quality.md):
+# T1 low-rank regression excess MSE: sketch 8.78e-5, exact 8.84e-5, tangent 1.18e-4 (AdamW
+# 1.99e-4); T2 LM adaptation loss: sketch 1.674, exact 1.672, tangent 1.679 (AdamW 1.674).
+# Sketch matches exact, costs O(T (m + n) k) in backward instead of a full m x n matmul per layer
+# (SD 1.5 shapes: 57 vs 115 ms in benchmarks/optimizer_step.py), and is exact under gradient
+# accumulation and data parallelism.
 DEFAULT_STATS = "sketch"
 
 
