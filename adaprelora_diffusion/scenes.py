@@ -141,3 +141,58 @@ def caption_words() -> list[str]:
     for phrase, _ in POSITIONS.values():
         words.update(phrase.split())
     return sorted(words)
+
+
+#: Every colour a judged region can be read as (shape colours plus the extra background).
+PALETTE: dict[str, tuple[int, int, int]] = dict(_BACKGROUND_RGB)
+
+
+def nearest_color(rgb) -> str:
+    """Name of the :data:`PALETTE` colour nearest (Euclidean in RGB) to ``rgb``."""
+    r, g, b = (float(v) for v in rgb)
+    return min(PALETTE, key=lambda n: (PALETTE[n][0] - r) ** 2 + (PALETTE[n][1] - g) ** 2 + (PALETTE[n][2] - b) ** 2)
+
+
+def _mean_rgb(image: Image.Image, box: tuple[int, int, int, int]) -> tuple[float, float, float]:
+    import numpy as np
+
+    mean = np.asarray(image.crop(box), dtype=np.float64).reshape(-1, 3).mean(axis=0)
+    return float(mean[0]), float(mean[1]), float(mean[2])
+
+
+_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+def judge(image: Image.Image, spec: SceneSpec) -> dict:
+    """Does ``image`` show what ``spec``'s caption says? A coarse, model-free check.
+
+    For each shape, the mean colour of a box inside where even a small shape would be drawn
+    must be nearest to the named colour (``color_ok``), and for a single off-centre shape the
+    opposite box must *not* be (``position_ok``: a model that ignored the position word and
+    painted the colour everywhere, or at the wrong side, fails). The mean of the four corner
+    patches must be nearest to the named background (``background_ok``). Chance level for a
+    colour is about 1/7.
+    """
+    image = image.convert("RGB")
+    res = image.size[0]
+    half = max(1, int(SIZES["small"] * res * 0.6))
+
+    def box_at(position: str) -> tuple[int, int, int, int]:
+        fx, fy = POSITIONS[position][1]
+        cx, cy = int(fx * res), int(fy * res)
+        return (cx - half, cy - half, cx + half, cy + half)
+
+    color_ok, position_ok = [], []
+    for shape in spec.shapes:
+        color_ok.append(nearest_color(_mean_rgb(image, box_at(shape.position))) == shape.color)
+        if len(spec.shapes) == 1 and shape.position in _OPPOSITE:
+            position_ok.append(nearest_color(_mean_rgb(image, box_at(_OPPOSITE[shape.position]))) != shape.color)
+    c = max(1, res // 8)
+    corners = [(0, 0, c, c), (res - c, 0, res, c), (0, res - c, c, res), (res - c, res - c, res, res)]
+    means = [_mean_rgb(image, b) for b in corners]
+    corner_mean = tuple(sum(m[i] for m in means) / 4 for i in range(3))
+    return {
+        "color_ok": color_ok,
+        "position_ok": position_ok,
+        "background_ok": nearest_color(corner_mean) == spec.background,
+    }

@@ -71,3 +71,30 @@ def test_class_prompt_and_bad_input():
         scenes.scene(-1)
     with pytest.raises(ValueError, match="resolution"):
         scenes.scene(0, resolution=8)
+
+
+def test_judge_accepts_every_true_rendering():
+    for i in range(100):
+        spec = scenes.scene_spec(i, seed=0)
+        verdict = scenes.judge(scenes.render(spec, 64), spec)
+        assert all(verdict["color_ok"]) and all(verdict["position_ok"]) and verdict["background_ok"], (i, verdict)
+
+
+def test_judge_rejects_wrong_colour_position_and_background():
+    spec = scenes.SceneSpec(shapes=(scenes.Shape("circle", "red", "left", "large"),), background="white")
+    wrong_colour = scenes.SceneSpec(shapes=(scenes.Shape("circle", "green", "left", "large"),), background="white")
+    wrong_side = scenes.SceneSpec(shapes=(scenes.Shape("circle", "red", "right", "large"),), background="white")
+    wrong_bg = scenes.SceneSpec(shapes=(scenes.Shape("circle", "red", "left", "large"),), background="black")
+    assert scenes.judge(scenes.render(wrong_colour), spec)["color_ok"] == [False]
+    side = scenes.judge(scenes.render(wrong_side), spec)
+    assert side["color_ok"] == [False] and side["position_ok"] == [False]
+    assert scenes.judge(scenes.render(wrong_bg), spec)["background_ok"] is False
+    # Red everywhere: colour "right" at the named place, but not a shape on the left.
+    from PIL import Image
+    flood = scenes.judge(Image.new("RGB", (64, 64), scenes.COLORS["red"]), spec)
+    assert flood["color_ok"] == [True] and flood["position_ok"] == [False] and flood["background_ok"] is False
+
+
+def test_nearest_color():
+    assert scenes.nearest_color((200, 40, 40)) == "red"
+    assert scenes.nearest_color((120, 130, 125)) == "gray"
