@@ -160,6 +160,7 @@ def _mean_rgb(image: Image.Image, box: tuple[int, int, int, int]) -> tuple[float
     return float(mean[0]), float(mean[1]), float(mean[2])
 
 
+PRESENT_FRACTION = 0.02
 _OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
 
@@ -171,9 +172,17 @@ def judge(image: Image.Image, spec: SceneSpec) -> dict:
     opposite box must *not* be (``position_ok``: a model that ignored the position word and
     painted the colour everywhere, or at the wrong side, fails). The mean of the four corner
     patches must be nearest to the named background (``background_ok``). Chance level for a
-    colour is about 1/7.
+    colour is about 1/7. ``color_present`` ignores position: at least ``PRESENT_FRACTION`` of
+    the pixels are nearest to the shape's colour (a small circle covers about 5%).
     """
+    import numpy as np
+
     image = image.convert("RGB")
+    pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3)
+    palette = np.array(list(PALETTE.values()), dtype=np.float64)
+    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
+    names = list(PALETTE)
+    share = {name: float((nearest == k).mean()) for k, name in enumerate(names)}
     res = image.size[0]
     half = max(1, int(SIZES["small"] * res * 0.6))
 
@@ -192,6 +201,7 @@ def judge(image: Image.Image, spec: SceneSpec) -> dict:
     means = [_mean_rgb(image, b) for b in corners]
     corner_mean = tuple(sum(m[i] for m in means) / 4 for i in range(3))
     return {
+        "color_present": [share[shape.color] >= PRESENT_FRACTION for shape in spec.shapes],
         "color_ok": color_ok,
         "position_ok": position_ok,
         "background_ok": nearest_color(corner_mean) == spec.background,

@@ -77,7 +77,7 @@ def test_judge_accepts_every_true_rendering():
     for i in range(100):
         spec = scenes.scene_spec(i, seed=0)
         verdict = scenes.judge(scenes.render(spec, 64), spec)
-        assert all(verdict["color_ok"]) and all(verdict["position_ok"]) and verdict["background_ok"], (i, verdict)
+        assert all(verdict["color_present"]) and all(verdict["color_ok"]) and all(verdict["position_ok"]) and verdict["background_ok"], (i, verdict)
 
 
 def test_judge_rejects_wrong_colour_position_and_background():
@@ -98,3 +98,11 @@ def test_judge_rejects_wrong_colour_position_and_background():
 def test_nearest_color():
     assert scenes.nearest_color((200, 40, 40)) == "red"
     assert scenes.nearest_color((120, 130, 125)) == "gray"
+
+
+def test_color_present_ignores_position_but_not_colour():
+    spec = scenes.SceneSpec(shapes=(scenes.Shape("circle", "red", "left", "small"),), background="white")
+    moved = scenes.SceneSpec(shapes=(scenes.Shape("circle", "red", "right", "small"),), background="white")
+    recoloured = scenes.SceneSpec(shapes=(scenes.Shape("circle", "blue", "left", "small"),), background="white")
+    assert scenes.judge(scenes.render(moved), spec)["color_present"] == [True]
+    assert scenes.judge(scenes.render(recoloured), spec)["color_present"] == [False]
