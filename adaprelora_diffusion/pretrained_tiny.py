@@ -39,7 +39,7 @@ REPORT_NAME = "pretraining_report.json"
 #: Captions are at most ~25 word tokens with the scene tokenizer; 32 keeps attention cheap.
 MAX_TEXT_LENGTH = 32
 TEXT_HIDDEN_SIZE = 32
-DEFAULT_VAE_STEPS = 1000
+DEFAULT_VAE_STEPS = 1200
 DEFAULT_UNET_STEPS = 3000
 
 
@@ -127,7 +127,9 @@ def _build_models(seed: int, tokenizer_dir: Path):
             block_out_channels=(8, 16, 32, 32),
             layers_per_block=1,
             latent_channels=4,
-            norm_num_groups=8,
+            # One group: with 8 groups on 8 channels GroupNorm is per-channel instance norm, which
+            # erases each channel's image mean (the background colour); 400-step MSE 0.13 -> 0.06.
+            norm_num_groups=1,
             sample_size=64,
         )
         unet = UNet2DConditionModel(
@@ -140,7 +142,7 @@ def _build_models(seed: int, tokenizer_dir: Path):
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=TEXT_HIDDEN_SIZE,
             attention_head_dim=2,  # diffusers' legacy name: the number of heads
-            norm_num_groups=32,
+            norm_num_groups=8,  # 4+ channels per group, not per-channel instance norm (see the VAE)
         )
     return tokenizer, text_encoder, vae, unet
 
