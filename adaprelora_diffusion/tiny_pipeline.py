@@ -53,12 +53,13 @@ def default_cache_dir() -> Path:
     return Path("~/.cache/adaprelora_diffusion").expanduser()
 
 
-def write_tokenizer_files(folder: str | os.PathLike) -> Path:
+def write_tokenizer_files(folder: str | os.PathLike, merges: tuple[str, ...] | list[str] = _MERGES) -> Path:
     """Write a CLIP-style byte-level BPE ``vocab.json`` + ``merges.txt`` into ``folder``.
 
     The vocabulary holds every byte-level unicode character and its ``</w>`` (end-of-word)
     variant, so any text at all tokenizes without unknown tokens, plus the merges' results and
-    CLIP's two special tokens (last, as in CLIP's own vocabulary).
+    CLIP's two special tokens (last, as in CLIP's own vocabulary). ``merges`` are BPE merges in
+    rank order; each side must be a byte character or an earlier merge's result.
     """
     # The 256-character byte-to-unicode alphabet is taken from the tokenizers library rather than
     # re-derived here; sorting it fixes the id order.
@@ -70,7 +71,7 @@ def write_tokenizer_files(folder: str | os.PathLike) -> Path:
         vocab[ch] = len(vocab)
     for ch in alphabet:
         vocab[ch + "</w>"] = len(vocab)
-    for merge in _MERGES:
+    for merge in merges:
         left, right = merge.split(" ")
         if left not in vocab or right not in vocab:
             raise AssertionError(f"merge {merge!r} uses a token missing from the vocab")
@@ -81,7 +82,7 @@ def write_tokenizer_files(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return folder
 
 
