@@ -86,18 +86,15 @@ def write_tokenizer_files(folder: str | os.PathLike, merges: tuple[str, ...] | l
     return folder
 
 
-def build_tiny_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLike | None = None):
-    """Build the tiny pipeline in memory; same ``seed`` gives bit-identical weights.
+def build_tiny_models(tokenizer, seed: int = DEFAULT_SEED, *, vae_norm_groups: int = 8, unet_norm_groups: int = 32,
+                      max_text_length: int = MAX_TEXT_LENGTH):
+    """The tiny text encoder, VAE and UNet (random init, same seed -> same weights).
 
-    ``tokenizer_dir`` is where the generated vocab.json/merges.txt are written (a temporary
-    folder if omitted). The caller's global torch RNG state is left untouched.
+    Shared by the random smoke-run pipeline and the pretrained one (`pretrained_tiny.py`), which
+    differ only in their normalisation groups. The caller's global RNG state is left untouched.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as scratch:
-        tok_dir = write_tokenizer_files(tokenizer_dir if tokenizer_dir is not None else scratch)
-        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=MAX_TEXT_LENGTH)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     # fork_rng: seeding must not change the caller's random stream.
     with torch.random.fork_rng(devices=[]):
@@ -109,7 +106,7 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLi
                 intermediate_size=64,
                 num_hidden_layers=2,
                 num_attention_heads=4,
-                max_position_embeddings=MAX_TEXT_LENGTH,
+                max_position_embeddings=max_text_length,
                 projection_dim=TEXT_HIDDEN_SIZE,
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
@@ -125,7 +122,7 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLi
             block_out_channels=(8, 16, 32, 32),
             layers_per_block=1,
             latent_channels=4,
-            norm_num_groups=8,
+            norm_num_groups=vae_norm_groups,
             sample_size=64,
         )
         unet = UNet2DConditionModel(
@@ -138,8 +135,25 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLi
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=TEXT_HIDDEN_SIZE,
             attention_head_dim=2,  # diffusers' legacy name: this is the number of heads
-            norm_num_groups=32,
+            norm_num_groups=unet_norm_groups,
         )
+    return text_encoder, vae, unet
+
+
+def build_tiny_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLike | None = None):
+    """Build the tiny pipeline in memory; same ``seed`` gives bit-identical weights.
+
+    ``tokenizer_dir`` is where the generated vocab.json/merges.txt are written (a temporary
+    folder if omitted). The caller's global torch RNG state is left untouched.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tok_dir = write_tokenizer_files(tokenizer_dir if tokenizer_dir is not None else scratch)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=MAX_TEXT_LENGTH)
+
+    text_encoder, vae, unet = build_tiny_models(tokenizer, seed)
     # SD 1.x's noise schedule; DDIM samples sensibly in very few steps. Training code builds a
     # DDPMScheduler from this same config.
     scheduler = DDIMScheduler(
