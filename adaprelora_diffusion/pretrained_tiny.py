@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import scenes
-from .tiny_pipeline import build_tiny_models, default_cache_dir, write_tokenizer_files
+from .tiny_pipeline import SD1_SCHEDULER_CONFIG, build_tiny_models, default_cache_dir, write_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -112,16 +112,7 @@ def _build_models(seed: int, tokenizer_dir: Path):
 
 
 def _scheduler_config() -> dict:
-    # SD 1.x's noise schedule (as the random tiny pipeline), so the trainer's defaults fit.
-    return dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return dict(SD1_SCHEDULER_CONFIG)  # as the random tiny pipeline, so the trainer's defaults fit
 
 
 def scene_batch(indices, seed: int, resolution: int) -> tuple[torch.Tensor, list[str]]:

@@ -45,6 +45,18 @@ TEXT_HIDDEN_SIZE = 32
 MAX_TEXT_LENGTH = 77
 
 
+#: SD 1.x's noise schedule, shared by the tiny pipelines so the trainer's defaults fit both.
+SD1_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
 def default_cache_dir() -> Path:
     """Root cache folder: ``$ADAPRELORA_CACHE`` if set, else ``~/.cache/adaprelora_diffusion``."""
     env = os.environ.get("ADAPRELORA_CACHE")
@@ -156,15 +168,7 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLi
     text_encoder, vae, unet = build_tiny_models(tokenizer, seed)
     # SD 1.x's noise schedule; DDIM samples sensibly in very few steps. Training code builds a
     # DDPMScheduler from this same config.
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD1_SCHEDULER_CONFIG)
     for module in (text_encoder, vae, unet):
         module.eval()
     return StableDiffusionPipeline(
