@@ -185,8 +185,15 @@ def train(
     config: TrainConfig,
     progress: Callable[[ProgressEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, dict[str, Any], torch.optim.Optimizer], None] | None = None,
 ) -> TrainResult:
-    """Train a DreamBooth LoRA as `config` says; see the module docstring."""
+    """Train a DreamBooth LoRA as `config` says; see the module docstring.
+
+    ``on_step(step, models, optimizer)``, if given, runs on the main process after every optimizer
+    step (and once with step 0 before the first), with the unwrapped ``unet``, ``text_encoder``,
+    ``vae``, ``tokenizer`` and ``noise_scheduler`` in ``models``: the quality benchmark measures
+    held-out metrics through it without a second copy of this loop. It must not change them.
+    """
     started = time.perf_counter()
     config.validate()
     kind, _ = resolve_model_source(config.pretrained_model_name_or_path)
@@ -316,6 +323,15 @@ def train(
     if state.global_step == 0:
         validation_paths += _validate(config, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler, weight_dtype, 0, emit)
 
+    def observe(step: int) -> None:
+        if on_step is not None and accelerator.is_main_process:
+            models = dict(unet=accelerator.unwrap_model(unet), text_encoder=accelerator.unwrap_model(text_encoder), vae=vae,
+                          tokenizer=tokenizer, noise_scheduler=noise_scheduler)
+            on_step(step, models, getattr(optimizer, "optimizer", optimizer))
+
+    if state.global_step == 0:
+        observe(0)
+
     bar = tqdm(total=config.max_train_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     recent: list[float] = []
     consecutive_nonfinite = 0
@@ -384,6 +400,7 @@ def train(
                 if accelerator.is_main_process and config.report_to != "none" and recent:
                     accelerator.log({"loss": recent[-1], "lr": current_lr}, step=state.global_step)
                 emit(ProgressEvent("step", state.global_step, config.max_train_steps, loss=recent[-1] if recent else None, lr=current_lr))
+                observe(state.global_step)
 
                 done = state.global_step >= config.max_train_steps
                 if config.validation_steps and state.global_step % config.validation_steps == 0 and not done:

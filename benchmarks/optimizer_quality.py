@@ -14,6 +14,11 @@ Tasks (adaprelora_diffusion/quality/tasks.py):
   T1  low-rank regression (96 x 64 layer, rank-6 change, LoRA rank 4, 300 steps, batch 32)
   T2  tiny Llama-style LM pretrained on one synthetic language (cached), LoRA-adapted to another
       (rank 4 on q/k/v/o/gate/up/down, 150 steps of 16 sequences)
+  T3  DreamBooth on the demo robot with the tiny SD pipeline pretrained on shape scenes, through
+      the project's own trainer (adaprelora_diffusion/quality/personalization.py): held-out
+      denoising loss, subject fidelity, prior drift
+  T3-prior  the same with prior preservation, each config at its best T3 lr on the report seeds
+      (no second sweep): how much prior preservation cuts the drift, and what it costs
 
     python benchmarks/optimizer_quality.py                       # full T1 + T2 (~15 min, 2 CPU cores)
     python benchmarks/optimizer_quality.py --quick --out /tmp/q  # smoke run, well under a minute
@@ -37,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaprelora_diffusion.quality.harness import SCHEDULES, Config, ConfigResult, mean_curve, steps_to_reach, sweep  # noqa: E402
+from adaprelora_diffusion.quality.harness import SCHEDULES, Config, ConfigResult, mean_curve, run_one, steps_to_reach, sweep  # noqa: E402
 from adaprelora_diffusion.quality.plot import plot_curves  # noqa: E402
 from adaprelora_diffusion.quality.tasks import LanguageAdaptation, LowRankRegression, PretrainSpec  # noqa: E402
 
@@ -86,21 +91,40 @@ CONFIGS = {
 QUICK_CONFIGS = ["adamw", "adaprelora", "lorapro"]
 
 
-def _t1(quick: bool, log):
+def _t1(quick: bool, log, args):
     if quick:
         return LowRankRegression(steps=30, eval_every=5, n_eval=512)
     return LowRankRegression()
 
 
-def _t2(quick: bool, log):
+def _t2(quick: bool, log, args):
     if quick:
         spec = PretrainSpec(hidden=32, length=16, steps=30, batch=8)
         return LanguageAdaptation(spec, steps=12, batch=4, eval_every=3, n_eval=16, log=log)
     return LanguageAdaptation(log=log)
 
 
-# name -> factory(quick, log) -> Task. A new task (T3) registers here and needs nothing else.
-TASKS = {"T1": _t1, "T2": _t2}
+def _t3(quick: bool, log, args, prior_preservation=False):
+    from adaprelora_diffusion.quality.personalization import Personalization
+
+    kwargs = dict(pipeline_dir=args.t3_pipeline, prior_preservation=prior_preservation, log=log)
+    if quick:
+        kwargs.update(steps=6, eval_every=3, num_heldout_views=2, num_scenes=2, num_timesteps=2, num_samples=2,
+                      sample_steps=3, num_class_images=2)
+    return Personalization(**kwargs)
+
+
+def _t3_prior(quick: bool, log, args):
+    return _t3(quick, log, args, prior_preservation=True)
+
+
+# name -> factory(quick, log, args) -> Task. A new task registers here and needs nothing else.
+TASKS = {"T1": _t1, "T2": _t2, "T3": _t3, "T3-prior": _t3_prior}
+# Tasks that take each config's best lr from another task instead of sweeping: one run per report
+# seed at that lr (the task differs from its source only in a setting, not in what lr suits it).
+LR_FROM = {"T3-prior": "T3"}
+# Tasks that compare fewer configs than the rest by default (cost); --optimizers overrides.
+TASK_CONFIGS = {"T3-prior": ["adamw", "loraplus", "adafactor", "adaprelora"]}
 
 
 def device_name() -> str:
@@ -154,7 +178,8 @@ def summarize(task, results: list[ConfigResult], sweep_walls: dict[str, float]) 
         })
     return {
         "name": task.name, "description": task.description, "steps": task.steps, "eval_every": task.eval_every,
-        "metrics": list(task.metrics), "reference": task.reference, "adamw_target": target, "configs": configs,
+        "metrics": list(task.metrics), "higher_is_better": list(getattr(task, "higher_is_better", ())),
+        "reference": task.reference, "adamw_target": target, "configs": configs,
     }
 
 
@@ -173,16 +198,22 @@ def _fmt(x: float) -> str:
     return "inf" if not math.isfinite(x) else f"{x:.4g}"
 
 
-def markdown(summary: dict, seeds: int, fresh: bool) -> str:
+def markdown(summary: dict, seeds: int, fresh: bool, lr_from: str | None = None) -> str:
     metrics = summary["metrics"]
     ref = ", ".join(f"{k} = {_fmt(v)}" for k, v in summary["reference"].items())
+    if lr_from:
+        protocol = f"each config at its best {lr_from} lr, {seeds} seed(s))"
+    else:
+        protocol = f"lr picked on {seeds} seed(s), reported on {seeds} fresh seed(s))" if fresh else f"{seeds} seed(s))"
+    up = set(summary.get("higher_is_better", ()))
     lines = [
         f"### {summary['name']}: {summary['description']} ({summary['steps']} steps, eval every {summary['eval_every']}; "
-        + (f"lr picked on {seeds} seed(s), reported on {seeds} fresh seed(s))" if fresh else f"{seeds} seed(s))"),
+        + protocol,
         "",
         f"Reference: {ref}." if ref else "",
         "",
-        "| optimizer | best lr | " + " | ".join(f"{m} (mean +- std)" for m in metrics)
+        "| optimizer | " + ("lr" if lr_from else "best lr") + " | "
+        + " | ".join(f"{m} {'(higher is better) ' if m in up else ''}(mean +- std)" for m in metrics)
         + " | steps to AdamW final | s / run | state bytes |",
         "|---|---:|" + "---:|" * len(metrics) + "---:|---:|---:|",
     ]
@@ -198,6 +229,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--t3-pipeline", type=Path, default=None,
+                        help="T3's base pipeline folder (default: the pretrained tiny scenes pipeline)")
     parser.add_argument("--optimizers", nargs="+", choices=list(CONFIGS), help="config labels (default: all; --quick: a few)")
     parser.add_argument("--seeds", type=int, help="seeds per lr (default 3; --quick: 1)")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="one lr grid for every config (overrides family grids)")
@@ -234,21 +267,37 @@ def main(argv=None):
         "tasks": {},
     }
     sections = []
-    for task_name in args.tasks:
+    for name in args.tasks:
+        if name in LR_FROM and LR_FROM[name] not in args.tasks:
+            parser.error(f"task {name} takes its lrs from {LR_FROM[name]}: add {LR_FROM[name]} to --tasks.")
+    tasks = sorted(args.tasks, key=lambda n: list(TASKS).index(n))
+    best_lrs: dict[str, dict[str, float]] = {}
+    for task_name in tasks:
         t_task = time.perf_counter()
-        task = TASKS[task_name](args.quick, log)
+        task = TASKS[task_name](args.quick, log, args)
         results, walls = [], {}
-        for label in labels:
+        task_labels = labels if (args.optimizers or args.quick) else TASK_CONFIGS.get(task_name, labels)
+        if task_name in LR_FROM:
+            task_labels = [lab for lab in task_labels if lab in best_lrs[LR_FROM[task_name]]]
+        for label in task_labels:
             name, kwargs, family = CONFIGS[label]
             config = Config(label, name, kwargs, grid_for(task_name, family, args.quick, args.lr_grid))
             t0 = time.perf_counter()
-            results.append(sweep(task, config, list(range(seeds)), extend=extend, schedule=args.schedule,
-                                 report_seeds=report_seeds, log=log))
+            if task_name in LR_FROM:
+                lr = best_lrs[LR_FROM[task_name]][label]
+                runs = [run_one(task, config, lr, s, args.schedule) for s in (report_seeds or range(seeds))]
+                results.append(ConfigResult(config, [lr], {lr: runs}, lr, None))
+                log(f"  {task_name} {label} lr={lr:.3g} (from {LR_FROM[task_name]}): {task.metrics[0]}="
+                    f"{statistics.fmean(r.final[task.metrics[0]] for r in runs):.4g}")
+            else:
+                results.append(sweep(task, config, list(range(seeds)), extend=extend, schedule=args.schedule,
+                                     report_seeds=report_seeds, log=log))
             walls[label] = time.perf_counter() - t0
+        best_lrs[task_name] = {r.config.label: r.best_lr for r in results}
         summary = summarize(task, results, walls)
         summary["task_wall_s"] = time.perf_counter() - t_task
         payload["tasks"][task_name] = summary
-        sections.append(markdown(summary, seeds, fresh))
+        sections.append(markdown(summary, seeds, fresh, LR_FROM.get(task_name)))
         args.out.mkdir(parents=True, exist_ok=True)
         curves = {c["label"]: (c["curve"]["steps"], c["curve"]["mean"]) for c in summary["configs"]}
         plot_curves(args.out / f"{task_name}_curves.png", f"{task_name} {task.description}: best-tuned, mean of {seeds} seed(s)",

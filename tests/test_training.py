@@ -277,3 +277,20 @@ def test_relative_output_dir_as_in_the_readme_run(tmp_path, monkeypatch):
     card = (tmp_path / "run" / "README.md").read_text()
     assert "validation/step-000002/00.png" in card and (tmp_path / "run" / "validation" / "step-000002" / "00.png").is_file()
     assert result.lora_path == tmp_path / "run" / "pytorch_lora_weights.safetensors"
+
+
+def test_on_step_sees_every_step_with_the_live_models_and_optimizer(tmp_path):
+    seen = []
+
+    def on_step(step, models, optimizer):
+        b = next(p for n, p in models["unet"].named_parameters() if "lora_B" in n)
+        moments = sum(v.abs().sum().item() for st in optimizer.state.values() for v in st.values()
+                      if torch.is_tensor(v) and v.is_floating_point())
+        seen.append((step, sorted(models), type(optimizer).__name__, b.detach().abs().sum().item(), moments))
+
+    result = train(config(tmp_path, max_train_steps=3), on_step=on_step)
+    assert [s[0] for s in seen] == [0, 1, 2, 3] and result.global_step == 3
+    assert seen[0][1] == ["noise_scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    assert {s[2] for s in seen} == {"AdaPreLoRA"}  # the optimizer itself, not accelerate's wrapper
+    assert seen[0][3] == 0 and seen[-1][3] > 0  # B starts at 0; the hook sees the weights as they train
+    assert seen[0][4] == 0 and seen[-1][4] > 0  # and the optimizer's statistics as they fill

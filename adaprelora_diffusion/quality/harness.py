@@ -39,6 +39,10 @@ class Task(Protocol):
     ``build(seed)`` must be deterministic in ``seed``; ``train_step`` runs forward + backward
     for step ``step`` (0-based) and returns the training loss without calling ``optimizer.step``
     (the harness does, so it can time and inspect it); ``evaluate`` returns every held-out metric.
+
+    A task whose training runs inside a loop it does not own (T3 drives the project's DreamBooth
+    trainer) instead defines ``run(config, lr, seed, schedule) -> RunResult``, and `run_one`
+    hands the whole run to it; it must apply the same schedule and budget.
     """
 
     name: str
@@ -135,6 +139,8 @@ def run_one(task: Task, config: Config, lr: float, seed: int, schedule: str = "c
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if hasattr(task, "run"):
+        return task.run(config, lr, seed, schedule)
     inst = task.build(seed)
     optimizer = make_optimizer(config.optimizer, inst.model, lr=lr, **config.kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(schedule, task.steps))

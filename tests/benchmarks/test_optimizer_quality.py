@@ -34,29 +34,33 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys):
+def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys, tiny_pipeline_dir):
     bench = load()
     out = tmp_path / "out"
-    payload = bench.main(["--quick", "--out", str(out)])
+    payload = bench.main(["--quick", "--out", str(out), "--t3-pipeline", str(tiny_pipeline_dir)])
     torch.set_num_threads(1)
     printed = capsys.readouterr().out
     on_disk = json.loads((out / "optimizer_quality.json").read_text(), parse_constant=_no_nonstandard_json)
-    assert on_disk["tasks"].keys() == payload["tasks"].keys() == {"T1", "T2"}
+    assert on_disk["tasks"].keys() == payload["tasks"].keys() == {"T1", "T2", "T3", "T3-prior"}
     assert on_disk["quick"] is True and on_disk["seeds"] == [0] and on_disk["suite_wall_s"] > 0
     markdown = (out / "optimizer_quality.md").read_text()
     assert markdown.strip() == printed.strip()
     assert list(cache.glob("quality/t2_pretrained_*.pt")), "T2's pretrained weights were not cached"
     assert not list(cache.glob("quality/*.tmp*")), "atomic write left a temp file"
     for name, task in on_disk["tasks"].items():
-        assert task["metrics"][0] in ("excess_mse", "loss")
+        assert task["metrics"][0] in ("excess_mse", "loss", "heldout_loss")
         assert task["reference"] and all(math.isfinite(v) for v in task["reference"].values())
         labels = [c["label"] for c in task["configs"]]
         assert labels == bench.QUICK_CONFIGS
         for c in task["configs"]:
             assert set(c) >= {"label", "optimizer", "kwargs", "grid", "best_lr", "edge", "final", "steps_to_adamw",
                               "wall_s_per_run", "state_bytes", "sweep", "curve"}
-            assert len(c["grid"]) == 2 and c["best_lr"] in c["grid"]
-            assert c["edge"] in ("low", "high")  # with 2 lrs the best is always at an edge, and must say so
+            if name in bench.LR_FROM:  # no sweep: the source task's best lr
+                source = {x["label"]: x for x in on_disk["tasks"][bench.LR_FROM[name]]["configs"]}
+                assert c["grid"] == [c["best_lr"]] == [source[c["label"]]["best_lr"]] and c["edge"] is None
+            else:
+                assert len(c["grid"]) == 2 and c["best_lr"] in c["grid"]
+                assert c["edge"] in ("low", "high")  # with 2 lrs the best is always at an edge, and must say so
             assert [s["lr"] for s in c["sweep"]] == sorted(c["grid"])
             for m in task["metrics"]:
                 assert math.isfinite(c["final"][m]["mean"]) and c["final"][m]["std"] == 0.0  # one seed
@@ -66,7 +70,8 @@ def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys):
             assert len(c["curve"]["mean"]) == len(steps)
             # the reported final equals the last point of the best-lr curve
             assert c["curve"]["mean"][-1] == pytest.approx(c["final"][task["metrics"][0]]["mean"])
-            assert f"| {c['label']} | {c['best_lr']:.3g} (edge: {c['edge']}) |" in markdown
+            edge = f" (edge: {c['edge']})" if c["edge"] else ""
+            assert f"| {c['label']} | {c['best_lr']:.3g}{edge} |" in markdown
         adamw = task["configs"][0]
         assert adamw["curve"]["mean"][-1] < adamw["curve"]["mean"][0], f"{name}: AdamW did not improve"
         assert adamw["steps_to_adamw"] is not None and adamw["steps_to_adamw"] <= task["steps"]
@@ -99,6 +104,7 @@ def test_second_run_reuses_the_cached_pretrained_model(tmp_path, cache):
     (["--lr-grid", "0.1", "-1"], "--lr-grid values must be finite and > 0"),
     (["--optimizers", "sgd"], "invalid choice"),
     (["--tasks", "T9"], "invalid choice"),
+    (["--tasks", "T3-prior"], "task T3-prior takes its lrs from T3: add T3 to --tasks"),
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
