@@ -18,7 +18,8 @@ Metrics (the first ranks lrs, lower is better; ``fidelity`` is better higher, th
   palette has neither: the nearest scene colours are 84+ RGB units away), so coverage of those two
   colours, in the proportion the real views have, plus the head being above the body, is
   evidence of the learned subject that the base model cannot produce by chance. The reference
-  gives the score of real held-out views (the ceiling) and of the base model (the floor).
+  gives the score of real held-out views, of their VAE reconstructions (the ceiling for any
+  LoRA on the UNet: images pass through the frozen decoder) and of the base model (the floor).
 * ``class_drift``: mean squared difference between the tuned and the base model's noise
   predictions for the class prompt, on the base model's own class samples (fixed noise and
   timesteps). 0 means the class prompt still behaves as before: this is what prior preservation
@@ -128,7 +129,7 @@ class Personalization:
     higher_is_better = ("fidelity",)
 
     def __init__(self, *, steps: int = 200, eval_every: int = 20, rank: int = 4, prior_preservation: bool = False,
-                 num_heldout_views: int = 8, num_scenes: int = 8, num_timesteps: int = 8, num_samples: int = 8,
+                 num_heldout_views: int = 8, num_scenes: int = 8, num_timesteps: int = 8, num_samples: int = 16,
                  sample_steps: int = 20, guidance_scale: float = 4.0, num_class_images: int = 8,
                  pipeline_dir: str | Path | None = None, work_dir: str | Path | None = None, log=lambda s: None):
         from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -175,10 +176,14 @@ class Personalization:
         self.base_scene_eps = self.scene_set.predict(pipe.unet, pipe.text_encoder, pipe.tokenizer)
         self.base_class_score = float(np.mean([self._score(im) for im in base_class]))
         base_heldout = self.heldout.predict(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+        with torch.no_grad():  # the best any LoRA can reach: what the frozen VAE makes of real views
+            decoded = pipe.vae.decode(self.heldout.x0[:: len(ts)] / pipe.vae.config.scaling_factor).sample
+        reconstructions = pipe.image_processor.postprocess(decoded, output_type="pil")
         self.reference = {
             "base_heldout_loss": F.mse_loss(base_heldout, self.heldout.noise).item(),
             "base_fidelity": float(np.mean([self._score(im) for im in base_instance])),
             "real_views_fidelity": float(np.mean([self._score(v) for v in views])),
+            "vae_reconstruction_fidelity": float(np.mean([self._score(im) for im in reconstructions])),
             "base_class_score": self.base_class_score,
         }
         self.class_dir = None

@@ -80,6 +80,16 @@ def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys, tiny_
             img.load()
             assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100
             assert len(img.getcolors(1 << 16) or []) > 3, "the plot is blank"
+        short = task.get("short_budget")
+        if name in bench.LR_FROM:
+            assert short is None
+        else:  # the literal speed test: the best lr again with 0.7x the steps, against AdamW's final
+            assert short["steps"] == round(bench.SHORT_BUDGET * task["steps"]) < task["steps"]
+            assert short["target"] == task["adamw_target"]
+            assert [c["label"] for c in short["configs"]] == bench.SHORT_BUDGET_CONFIGS
+            for c in short["configs"]:
+                assert len(c["finals"]) == 1 and c["at_or_below_target"] == sum(f <= short["target"] for f in c["finals"])
+            assert f"Short budget: {short['steps']} steps" in markdown
     # AdaPreLoRA keeps less state than AdamW on the same LoRA (statistics + one momentum vs two)
     t1 = {c["label"]: c for c in on_disk["tasks"]["T1"]["configs"]}
     assert 0 < t1["adaprelora"]["state_bytes"] < t1["adamw"]["state_bytes"]
