@@ -83,7 +83,7 @@ TASK_GRIDS = {
         "adam": _half_decades(-3, -2),
         "loraplus": _half_decades(-3.5, -2.5),
         "adafactor": _half_decades(-1, 0),
-        "lorapro": _half_decades(-1, 0),
+        "lorapro": _half_decades(-1, 0),  # untuned: at lr ~1 the head's AdamW step wrecks it
     },
 }
 
