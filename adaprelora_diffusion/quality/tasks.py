@@ -4,7 +4,9 @@ T1 (`LowRankRegression`): fit a rank-k change of a frozen linear layer with LoRA
 noisy minibatches; row, column and input scales are spread widely, which is what a
 preconditioner is supposed to fix. The optimum under the rank constraint is known in closed form.
 T2 (`LanguageAdaptation`): a tiny Llama-style decoder, pretrained once on one synthetic Markov
-language, adapted with LoRA to a related one; the source's entropy rate is the loss floor.
+language with Zipf-like token frequencies, adapted with LoRA to a strongly shifted one (most
+tables redrawn, other words frequent) on a budget too short to converge; the pretrained weights
+carry the uneven channel scales of real LMs. The target's entropy rate is the loss floor.
 """
 
 from __future__ import annotations
@@ -123,19 +125,27 @@ class LowRankRegression:
 # --------------------------------------------------------------------------------------------
 
 
-def markov_table(vocab: int, seed: int, base: torch.Tensor | None = None, change: float = 0.0, sharpness: float = 2.0):
-    """Order-2 source P[a, b, :] = softmax(s (U[a] + W[b])); with ``base`` = (U, W) a related
-    language is made by redrawing a ``change`` fraction of the rows of U and of W."""
+def markov_table(vocab: int, seed: int, base=None, change: float = 0.0, sharpness: float = 2.0,
+                 zipf: float = 0.0, reshuffle: float = 0.0):
+    """Order-2 source P[a, b, :] = softmax(s (U[a] + W[b]) - zipf * log(1 + rank)).
+
+    ``rank`` orders the tokens by unigram preference, so ``zipf`` > 0 gives Zipf-like token
+    frequencies. With ``base`` = (U, W, rank) a related language is made by redrawing a
+    ``change`` fraction of the rows of U and of W and permuting the ranks of a ``reshuffle``
+    fraction of the tokens (other words become frequent)."""
     g = torch.Generator().manual_seed(seed)
     if base is None:
         U, W = torch.randn(vocab, vocab, generator=g), torch.randn(vocab, vocab, generator=g)
+        rank = torch.arange(vocab, dtype=torch.float32)
     else:
-        U, W = base[0].clone(), base[1].clone()
+        U, W, rank = base[0].clone(), base[1].clone(), base[2].clone()
         for T in (U, W):
             rows = torch.randperm(vocab, generator=g)[: max(1, round(change * vocab))]
             T[rows] = torch.randn(len(rows), vocab, generator=g)
-    P = torch.softmax(sharpness * (U[:, None, :] + W[None, :, :]), dim=-1)
-    return P, (U, W)
+        moved = torch.randperm(vocab, generator=g)[: round(reshuffle * vocab)]
+        rank[moved] = rank[moved[torch.randperm(len(moved), generator=g)]]
+    P = torch.softmax(sharpness * (U[:, None, :] + W[None, :, :]) - zipf * torch.log1p(rank), dim=-1)
+    return P, (U, W, rank)
 
 
 def sample_sequences(P: torch.Tensor, count: int, length: int, g: torch.Generator) -> torch.Tensor:
@@ -150,9 +160,13 @@ def sample_sequences(P: torch.Tensor, count: int, length: int, g: torch.Generato
 
 @dataclass(frozen=True)
 class PretrainSpec:
-    """Everything that determines the pretrained weights (the cache key)."""
+    """Everything that determines the pretrained weights (the cache key), the source language
+    (``vocab``, ``sharpness``, ``zipf``, ``language_seed``) included. Version 2: sharpness 3 and
+    Zipf frequencies (version 1 had sharpness 2, uniform frequencies)."""
 
     vocab: int = 32
+    sharpness: float = 3.0
+    zipf: float = 1.0
     hidden: int = 64
     layers: int = 2
     heads: int = 4
@@ -162,7 +176,7 @@ class PretrainSpec:
     lr: float = 3e-3
     language_seed: int = 7
     seed: int = 0
-    version: int = 1
+    version: int = 2
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -188,6 +202,48 @@ def _lm_loss(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return loss, acc
 
 
+def spread_channel_scales(state: dict[str, torch.Tensor], spec: PretrainSpec, spread: float, seed: int) -> dict[str, torch.Tensor]:
+    """The same function, reparametrised so every LoRA-adapted layer sees inputs (and returns
+    outputs) whose channel scales are spread ``spread``-fold (log-uniform), as the outlier
+    feature dimensions of real pretrained LMs do. Exact, per layer:
+
+    - RMSNorm gains x c, the columns of the projections reading the normed stream / c
+      (q, k, v after ``input_layernorm``; gate, up after ``post_attention_layernorm``);
+    - v rows x c, o columns / c (attention mixes positions, not channels);
+    - up rows x c, down columns / c (up enters the MLP product linearly);
+    - q rows x c, k rows / c with c shared by each rotary pair (i, i + head_dim / 2), so q.k
+      is unchanged.
+    """
+    if spread == 1.0:
+        return state
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in state.items()}
+    head_dim = spec.hidden // spec.heads
+
+    def scales(n):
+        return spread ** (torch.rand(n, generator=g) - 0.5)
+
+    for i in range(spec.layers):
+        pre = f"model.layers.{i}."
+        for norm, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            c = scales(spec.hidden)
+            state[pre + norm + ".weight"] *= c
+            for r in readers:
+                state[pre + r + ".weight"] /= c[None, :]
+        c = scales(spec.hidden)
+        state[pre + "self_attn.v_proj.weight"] *= c[:, None]
+        state[pre + "self_attn.o_proj.weight"] /= c[None, :]
+        c = scales(state[pre + "mlp.up_proj.weight"].shape[0])
+        state[pre + "mlp.up_proj.weight"] *= c[:, None]
+        state[pre + "mlp.down_proj.weight"] /= c[None, :]
+        half = scales(spec.heads * head_dim // 2).view(spec.heads, head_dim // 2)
+        c = torch.cat([half, half], dim=1).reshape(-1)
+        state[pre + "self_attn.q_proj.weight"] *= c[:, None]
+        state[pre + "self_attn.k_proj.weight"] /= c[:, None]
+    return state
+
+
 def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Tensor]:
     """State dict of the LM pretrained on the source language: from cache, else trained and
     cached atomically (tmp file + rename, so a killed run never leaves a torn file)."""
@@ -195,7 +251,7 @@ def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Ten
     if path.exists():
         return torch.load(path, weights_only=True)
     t0 = time.perf_counter()
-    P, _ = markov_table(spec.vocab, spec.language_seed)
+    P, _ = markov_table(spec.vocab, spec.language_seed, sharpness=spec.sharpness, zipf=spec.zipf)
     g = torch.Generator().manual_seed(spec.seed + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -224,9 +280,26 @@ def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Ten
 
 class LanguageAdaptation:
     """T2: LoRA (rank r, attention + MLP projections) adapts the pretrained LM to a language whose
-    order-2 tables differ in a ``change`` fraction of rows. Metrics: held-out ``loss`` (nats per
+    order-2 tables differ in a ``change`` fraction of rows and whose word frequencies are
+    reordered for a ``reshuffle`` fraction of the tokens. Metrics: held-out ``loss`` (nats per
     token) and next-token ``accuracy``; references: the target source's entropy rate on the
     held-out set (the loss floor), Bayes accuracy, and the pretrained model's loss before LoRA.
+
+    Why it is built this way (the first version, a 35% row change at sharpness 2, uniform token
+    frequencies and 150 steps, let every reasonable optimizer end within seed noise of the floor,
+    so it could not rank them):
+
+    - sharp (``spec.sharpness`` 3) Zipf-frequency (``spec.zipf`` 1) languages: the floor is low
+      (~1.03 nats) and the gradient is dominated by a few frequent tokens, the uneven scales that
+      separate per-coordinate (Adam) from row/column (Adafactor, AdaPreLoRA) normalisation;
+    - a large shift (60% of rows redrawn, half the frequency ranks permuted): the pretrained
+      model starts far above uniform (~4.8 nats), and the adaptation needs the LoRA's capacity;
+    - ``channel_spread`` 10: the pretrained weights are reparametrised exactly (same function,
+      `spread_channel_scales`) so the LoRA layers see channel scales spread 10-fold, as real
+      LMs' outlier features do;
+    - 100 steps of 16 sequences: the best-tuned optimizers end 0.17-0.35 nats above the floor
+      (the first version: within 0.09 of it, all but one within 0.12), so the final loss
+      measures how far each gets in the budget, not who reached the floor.
     """
 
     name = "T2"
@@ -234,12 +307,13 @@ class LanguageAdaptation:
     metrics = ("loss", "accuracy")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-    def __init__(self, spec: PretrainSpec = PretrainSpec(), r=4, steps=150, batch=16, change=0.35,
-                 eval_every=15, n_eval=192, log=lambda s: None):
+    def __init__(self, spec: PretrainSpec = PretrainSpec(), r=4, steps=100, batch=16, change=0.6, reshuffle=0.5,
+                 channel_spread=10.0, eval_every=10, n_eval=192, log=lambda s: None):
         self.spec, self.r, self.steps, self.batch, self.eval_every = spec, r, steps, batch, eval_every
-        self.state = pretrained_lm(spec, log)
-        _, base = markov_table(spec.vocab, spec.language_seed)
-        self.P, _ = markov_table(spec.vocab, spec.language_seed + 1, base=base, change=change)
+        self.state = spread_channel_scales(pretrained_lm(spec, log), spec, channel_spread, spec.language_seed + 3)
+        lang = {"sharpness": spec.sharpness, "zipf": spec.zipf}
+        _, base = markov_table(spec.vocab, spec.language_seed, **lang)
+        self.P, _ = markov_table(spec.vocab, spec.language_seed + 1, base=base, change=change, reshuffle=reshuffle, **lang)
         g = torch.Generator().manual_seed(spec.language_seed + 2)
         self.X_eval = sample_sequences(self.P, n_eval, spec.length, g)
         p = self.P[self.X_eval[:, :-2], self.X_eval[:, 1:-1]]

@@ -11,7 +11,9 @@ from PIL import Image
 
 from adaprelora_diffusion.optim import make_optimizer
 from adaprelora_diffusion.quality import Config, Instance, run_one, state_bytes, steps_to_reach, sweep
-from adaprelora_diffusion.quality.tasks import LowRankRegression
+from adaprelora_diffusion.quality.tasks import (
+    LowRankRegression, PretrainSpec, _make_lm, markov_table, spread_channel_scales,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -214,3 +216,31 @@ def test_state_bytes_counts_shared_storage_once_and_nested_lists():
 def test_steps_to_reach():
     assert steps_to_reach([1, 10, 20], [5.0, 2.0, 1.0], 2.0) == 10
     assert steps_to_reach([1, 10, 20], [5.0, 2.0, 1.0], 0.5) is None
+
+
+def test_channel_spread_reparametrisation_keeps_the_function_and_spreads_scales():
+    spec = PretrainSpec(hidden=32, length=12)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _make_lm(spec).eval()
+    state = model.state_dict()
+    spread = spread_channel_scales(state, spec, 10.0, seed=3)
+    assert spread_channel_scales(state, spec, 1.0, seed=3) is state
+    norm = spread["model.layers.0.input_layernorm.weight"] / state["model.layers.0.input_layernorm.weight"]
+    assert norm.max() / norm.min() > 3  # the LoRA inputs' channel scales really are uneven
+    other = _make_lm(spec).eval()
+    other.load_state_dict(spread)
+    x = torch.randint(spec.vocab, (3, spec.length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(other(input_ids=x).logits, model(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_markov_tables_zipf_frequencies_and_shift():
+    P, base = markov_table(32, seed=7, sharpness=3.0, zipf=1.0)
+    assert torch.allclose(P.sum(-1), torch.ones(32, 32))
+    mean_next = P.mean((0, 1))
+    assert mean_next[:4].sum() > 2 * mean_next[-4:].sum()  # low ranks are the frequent words
+    shifted, (U, W, rank) = markov_table(32, seed=8, base=base, change=0.6, reshuffle=0.5, sharpness=3.0, zipf=1.0)
+    assert 0 < (U != base[0]).any(1).sum() <= round(0.6 * 32) and 0 < (W != base[1]).any(1).sum() <= round(0.6 * 32)
+    assert sorted(rank.tolist()) == sorted(base[2].tolist()) and (rank != base[2]).any()  # ranks permuted
+    assert (shifted - P).abs().sum(-1).mean() > 0.5  # a large shift in total variation
