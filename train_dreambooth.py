@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """DreamBooth LoRA for Stable Diffusion, optimized by AdaPreLoRA.
 
-    python train_dreambooth.py                       # smoke run: tiny random-weight model, demo subject
+    python train_dreambooth.py                       # demo: tiny pretrained model, demo subject, CPU
     python train_dreambooth.py --pretrained_model_name_or_path PATH_OR_ID \\
         --instance_data_dir photos/ --instance_prompt "a photo of sks dog" --output_dir my-lora
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .optim import OPTIMIZERS
 
-__all__ = ["TrainConfig", "build_parser", "parse_config", "LORA_TARGET_PRESETS", "SMOKE_DEFAULTS", "DEMO_SUBJECT_DIR"]
+__all__ = ["TrainConfig", "build_parser", "parse_config", "LORA_TARGET_PRESETS", "SMOKE_DEFAULTS", "DEMO_DEFAULTS",
+           "DEMO_SUBJECT_DIR"]
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 DEMO_SUBJECT_DIR = ASSETS_DIR / "demo_subject"
@@ -29,8 +30,10 @@ LORA_TARGET_PRESETS = {
 }
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-#: what a run with no model given uses: the tiny random-weight pipeline, a smoke run in minutes.
+#: what a run on the tiny random-weight pipeline uses: a smoke run of the machinery in seconds.
 SMOKE_DEFAULTS = {
+    "learning_rate": 1e-4,
+    "lora_target_modules": "attention",
     "resolution": 64,
     "max_train_steps": 60,
     "checkpointing_steps": 30,
@@ -39,8 +42,23 @@ SMOKE_DEFAULTS = {
     "num_validation_inference_steps": 4,
     "num_class_images": 4,
 }
+#: what a run on the tiny pretrained pipeline (the default model) uses: half a minute on a CPU, enough for
+#: the LoRA to draw the demo robot's shape and colours (at 1e-4 and attention-only targets 60 steps
+#: change nothing visible; 1000 attention-only steps at 1e-3 collapse into colour noise).
+DEMO_DEFAULTS = {
+    **SMOKE_DEFAULTS,
+    "learning_rate": 1e-3,
+    "lora_target_modules": "all",
+    "max_train_steps": 400,
+    "checkpointing_steps": 200,
+    "validation_steps": 200,
+    "num_validation_images": 4,
+    "num_validation_inference_steps": 20,
+}
 #: the defaults of a real run, for fields whose default depends on the model.
 REAL_DEFAULTS = {
+    "learning_rate": 1e-4,
+    "lora_target_modules": "attention",
     "resolution": 512,
     "max_train_steps": 500,
     "checkpointing_steps": 500,
@@ -59,7 +77,7 @@ def _help(text: str, **kw):
 class TrainConfig:
     # model
     pretrained_model_name_or_path: str | None = _help(
-        "diffusers folder, hub id, or single-file .safetensors/.ckpt; omitted: a tiny random-weight model for a smoke run",
+        "diffusers folder, hub id, or single-file .safetensors/.ckpt; omitted: the tiny demo model pretrained on shapes (assets/tiny-sd-scenes)",
         default=None,
     )
     revision: str | None = _help("model revision (hub)", default=None)
@@ -82,12 +100,14 @@ class TrainConfig:
     rank: int = _help("LoRA rank", default=4)
     lora_alpha: float | None = _help("LoRA alpha (default: rank)", default=None)
     lora_dropout: float = _help("LoRA dropout", default=0.0)
-    lora_target_modules: str = _help(f"UNet targets: a preset ({', '.join(LORA_TARGET_PRESETS)}) or a comma list", default="attention")
+    lora_target_modules: str | None = _help(f"UNet targets: a preset ({', '.join(LORA_TARGET_PRESETS)}) or a comma list "
+                                            "(default attention; all with the tiny pretrained model)", default=None)
     use_rslora: bool = _help("scale by alpha / sqrt(rank)", default=False)
     train_text_encoder: bool = _help("also train LoRA on the text encoder", default=False)
     # optimization
     optimizer: str = _help(f"one of: {', '.join(OPTIMIZERS)}", default="adaprelora")
-    learning_rate: float = _help("learning rate (AdaPreLoRA: on W, as Adam's on a full weight)", default=1e-4)
+    learning_rate: float | None = _help("learning rate (AdaPreLoRA: on W, as Adam's on a full weight; default 1e-4, "
+                                        "1e-3 with the tiny pretrained model)", default=None)
     text_encoder_lr: float | None = _help("learning rate of the text encoder LoRA (default: learning_rate)", default=None)
     scale_lr: bool = _help("multiply lr by accumulation x batch size x processes", default=False)
     adam_beta1: float = _help("first-moment decay (AdamW, AdaPreLoRA's momentum)", default=0.9)
@@ -134,9 +154,10 @@ class TrainConfig:
     output_kohya_format: bool = _help("also write a kohya-format .safetensors", default=False)
 
     # -- derived -------------------------------------------------------------------------
-    def resolved(self, tiny: bool) -> TrainConfig:
-        """Fill the model-dependent defaults (smoke-run values for the tiny model)."""
-        defaults = SMOKE_DEFAULTS if tiny else REAL_DEFAULTS
+    def resolved(self, tiny: bool, pretrained: bool = False) -> TrainConfig:
+        """Fill the model-dependent defaults: 64 px values for the embedded tiny models, the demo
+        ones (``pretrained``) for the pretrained tiny model, which can show what a LoRA learns."""
+        defaults = (DEMO_DEFAULTS if pretrained else SMOKE_DEFAULTS) if tiny else REAL_DEFAULTS
         changes = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         if tiny and self.instance_data_dir is None:
             changes["instance_data_dir"] = str(DEMO_SUBJECT_DIR)
@@ -145,6 +166,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def unet_targets(self) -> tuple[str, ...]:
+        if self.lora_target_modules is None:
+            raise ValueError("lora_target_modules is unset: call resolved() first")
         if self.lora_target_modules in LORA_TARGET_PRESETS:
             return LORA_TARGET_PRESETS[self.lora_target_modules]
         return tuple(t.strip() for t in self.lora_target_modules.split(",") if t.strip())
@@ -163,8 +186,9 @@ class TrainConfig:
         need(self.rank >= 1, f"--rank must be >= 1, got {self.rank}.")
         need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora_alpha must be > 0, got {self.lora_alpha}.")
         need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        need(bool(self.unet_targets()), "--lora_target_modules is empty; use a preset such as 'attention'.")
-        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), f"--learning_rate must be > 0, got {self.learning_rate}.")
+        need(self.lora_target_modules is None or bool(self.unet_targets()), "--lora_target_modules is empty; use a preset such as 'attention'.")
+        need(self.learning_rate is None or (self.learning_rate > 0 and math.isfinite(self.learning_rate)),
+             f"--learning_rate must be > 0, got {self.learning_rate}.")
         need(self.text_encoder_lr is None or self.text_encoder_lr > 0, f"--text_encoder_lr must be > 0, got {self.text_encoder_lr}.")
         need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
         need(self.gradient_accumulation_steps >= 1, f"--gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
@@ -195,8 +219,8 @@ def _bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="DreamBooth LoRA for Stable Diffusion, optimized by AdaPreLoRA. With no arguments: a smoke run "
-        "on a tiny random-weight model and the demo subject.",
+        description="DreamBooth LoRA for Stable Diffusion, optimized by AdaPreLoRA. With no arguments: a demo run "
+        "on the tiny pretrained model in assets/tiny-sd-scenes and the demo subject.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(TrainConfig):

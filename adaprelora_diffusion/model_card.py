@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .lora_io import LORA_WEIGHT_NAME, _atomic_write
 from .models import _HUB_ID, SINGLE_FILE_SUFFIXES
+from .pretrained_tiny import is_complete_pretrained_pipeline
 from .tiny_pipeline import is_complete_tiny_pipeline
 
 CARD_NAME = "README.md"
@@ -28,6 +29,11 @@ TINY_NOTICE = (
     "Stable Diffusion pipeline, not a real checkpoint: it exists to check that training runs end to end, "
     "and its images are noise."
 )
+DEMO_NOTICE = (
+    "> **Demo model.** This LoRA was trained on adaprelora-diffusion's tiny Stable Diffusion pipeline "
+    "pretrained on procedural coloured shapes (64 px, a few MB), not a real checkpoint: it shows "
+    "personalization working on a CPU and does not fit real Stable Diffusion models."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,11 +42,14 @@ TINY_NOTICE = (
 
 
 def base_model_kind(base_model: str | os.PathLike | None) -> str:
-    """``"tiny"``, ``"hub"``, ``"single_file"`` or ``"folder"``: decides the metadata and the loading snippet."""
+    """``"tiny_pretrained"`` (the default model, also for ``None``), ``"tiny"`` (random weights),
+    ``"hub"``, ``"single_file"`` or ``"folder"``: decides the metadata and the loading snippet."""
     if base_model is None:
-        return "tiny"
+        return "tiny_pretrained"
     raw = str(base_model)
     path = Path(raw).expanduser()
+    if path.is_dir() and is_complete_pretrained_pipeline(path):
+        return "tiny_pretrained"
     if path.is_dir() and is_complete_tiny_pipeline(path):
         return "tiny"
     if raw.lower().endswith(SINGLE_FILE_SUFFIXES):
@@ -97,6 +106,8 @@ def settings_table(settings: Mapping) -> str:
 def _base_model_label(base_model, kind: str) -> str:
     if kind == "tiny":
         return "the tiny random-weight Stable Diffusion pipeline"
+    if kind == "tiny_pretrained":
+        return "the tiny Stable Diffusion pipeline pretrained on procedural shapes"
     if kind == "hub":
         return f"[{base_model}](https://huggingface.co/{base_model})"
     return _code(str(base_model))
@@ -114,6 +125,12 @@ def _usage_snippet(base_model, kind: str, lora_folder: str, prompt: str) -> str:
             "pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_pipeline())  # CPU, float32"
         )
         run = f"image = pipe({_py(prompt)}, num_inference_steps=2, height=64, width=64).images[0]"
+    elif kind == "tiny_pretrained":
+        load = (
+            "from adaprelora_diffusion.pretrained_tiny import default_pretrained_pipeline\n\n"
+            "pipe = StableDiffusionPipeline.from_pretrained(default_pretrained_pipeline())  # CPU, float32"
+        )
+        run = f"image = pipe({_py(prompt)}, num_inference_steps=25, height=64, width=64).images[0]"
     else:
         loader = "from_single_file" if kind == "single_file" else "from_pretrained"
         load = f'pipe = StableDiffusionPipeline.{loader}({_py(base_model)}, torch_dtype=torch.float16).to("cuda")'
@@ -135,6 +152,8 @@ def _body(*, base_model, kind, lora_folder, instance_prompt, validation_prompt, 
     parts = ["# DreamBooth LoRA for Stable Diffusion"]
     if kind == "tiny":
         parts.append(TINY_NOTICE)
+    elif kind == "tiny_pretrained":
+        parts.append(DEMO_NOTICE)
     trained = "the UNet and the text encoder" if train_text_encoder else "the UNet (text encoder frozen)"
     by = f" with the {_code(str(optimizer))} optimizer" if optimizer else ""
     parts.append(
@@ -218,8 +237,8 @@ def write_model_card(output_dir: str | os.PathLike, **card: Any) -> Path:
     """Write ``output_dir/README.md`` atomically and return its path; ``card`` are the keyword
     arguments of :func:`build_model_card`.
 
-    ``base_model`` is what training loaded (Hub id, folder, single file, or ``None`` for the tiny
-    pipeline). ``sample_images`` and ``kohya_file`` must lie inside ``output_dir`` (absolute, or
+    ``base_model`` is what training loaded (Hub id, folder, single file, or ``None`` for the
+    default tiny pretrained pipeline). ``sample_images`` and ``kohya_file`` must lie inside ``output_dir`` (absolute, or
     relative to it); the card links them relatively. Every ``settings`` entry becomes a table row.
     """
     text = str(build_model_card(output_dir, **card))

@@ -2,8 +2,10 @@
 
 One entry point covers the ways users name a base model: a local diffusers folder, a Hub id, a
 single ``.safetensors``/``.ckpt`` checkpoint (as shared on model sites), or nothing at all, which
-means the tiny random-weight pipeline for offline smoke runs. Wrong paths fail early with a
-message that names the path and what was expected, instead of a deep library traceback.
+means the tiny pipeline pretrained on procedural shapes (shipped in ``assets/``) for offline
+demos. The two embedded tiny pipelines (that one and the random-weight one for smoke tests) are
+of kind "tiny" also when named by folder, so they get 64 px defaults. Wrong paths fail early with
+a message that names the path and what was expected, instead of a deep library traceback.
 """
 
 from __future__ import annotations
@@ -48,6 +50,26 @@ class SDComponents:
         return self.kind == "tiny"
 
 
+def is_tiny_pipeline_folder(path: str | os.PathLike) -> bool:
+    """True for a folder of one of the embedded 64 px pipelines (pretrained or random-weight)."""
+    from .pretrained_tiny import is_complete_pretrained_pipeline
+    from .tiny_pipeline import is_complete_tiny_pipeline
+
+    return is_complete_pretrained_pipeline(path) or is_complete_tiny_pipeline(path)
+
+
+def tiny_model_notice(source: str) -> str:
+    """What a run on an embedded tiny pipeline is good for (logged once per run)."""
+    from .tiny_pipeline import is_complete_tiny_pipeline
+
+    if is_complete_tiny_pipeline(source):
+        return (f"Using the tiny random-weight Stable Diffusion pipeline at {source}: it is for smoke runs and tests "
+                f"only (its images are noise); pass a real SD 1.x/2.x model to train for real.")
+    return (f"Using the tiny Stable Diffusion pipeline pretrained on procedural shapes at {source} (64 px, a few MB): "
+            f"it draws coloured shapes, enough to watch a LoRA learn a subject on a CPU, not real images; "
+            f"pass --pretrained_model_name_or_path with a real SD 1.x/2.x model to train for real.")
+
+
 def check_pipeline_folder(path: str | os.PathLike) -> Path:
     """Raise a ValueError naming what is missing unless ``path`` is a diffusers SD 1.x/2.x folder."""
     path = Path(path)
@@ -90,12 +112,12 @@ def check_pipeline_folder(path: str | os.PathLike) -> Path:
 def resolve_model_source(pretrained_model_name_or_path: str | os.PathLike | None) -> tuple[str, str]:
     """Classify the user's model argument as ("tiny" | "folder" | "hub" | "single_file", location)."""
     if pretrained_model_name_or_path is None:
-        from .tiny_pipeline import ensure_tiny_pipeline
+        from .pretrained_tiny import default_pretrained_pipeline
 
-        return "tiny", str(ensure_tiny_pipeline())
+        return "tiny", str(default_pretrained_pipeline())
     raw = str(pretrained_model_name_or_path)
     if not raw.strip():
-        raise ValueError("Empty model path: pass a diffusers folder, a Hub id, a .safetensors/.ckpt file, or None for the tiny smoke-test model.")
+        raise ValueError("Empty model path: pass a diffusers folder, a Hub id, a .safetensors/.ckpt file, or None for the tiny pretrained demo model.")
     if raw.startswith(("http://", "https://")):
         if not raw.lower().endswith(SINGLE_FILE_SUFFIXES):
             raise ValueError(f"URL {raw} does not point at a .safetensors/.ckpt checkpoint: pass a Hub id (owner/name) for diffusers repos.")
@@ -108,7 +130,8 @@ def resolve_model_source(pretrained_model_name_or_path: str | os.PathLike | None
             )
         return "single_file", str(path)
     if path.is_dir():
-        return "folder", str(check_pipeline_folder(path))
+        folder = str(check_pipeline_folder(path))
+        return ("tiny" if is_tiny_pipeline_folder(path) else "folder"), folder
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         raise ValueError(f"Checkpoint file {path} does not exist (looked for {path.absolute()}): check the path.")
     if _HUB_ID.match(raw) and not raw.startswith((".", "~")):
@@ -163,7 +186,7 @@ def load_pipeline_components(
     ``pretrained_model_name_or_path`` may be a diffusers folder or Hub id (loaded per sub-folder with
     ``from_pretrained``), a ``.safetensors``/``.ckpt`` file or URL (``StableDiffusionPipeline.from_single_file``;
     ``single_file_config`` names a local diffusers folder with matching configs so that this works
-    offline), or ``None`` for the tiny random-weight pipeline. The noise scheduler is a
+    offline), or ``None`` for the tiny pretrained pipeline. The noise scheduler is a
     ``DDPMScheduler`` built from the model's own scheduler config, so the beta schedule and
     ``prediction_type`` (epsilon / v_prediction) follow the model.
     """
@@ -172,11 +195,7 @@ def load_pipeline_components(
 
     kind, source = resolve_model_source(pretrained_model_name_or_path)
     if kind == "tiny":
-        logger.warning(
-            "No pretrained model given: using the tiny random-weight Stable Diffusion pipeline at %s. "
-            "It is for smoke runs and tests only (its images are noise); pass a real SD 1.x/2.x model to train for real.",
-            source,
-        )
+        logger.warning("%s", tiny_model_notice(source))
 
     if kind == "single_file":
         kwargs: dict[str, Any] = {}

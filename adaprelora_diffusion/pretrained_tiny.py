@@ -6,11 +6,13 @@ so personalization quality cannot be judged on it. This module trains the same c
 :mod:`scenes` on the CPU in minutes: first the VAE (reconstruction + a small KL term), then the
 UNet with the DDPM epsilon loss on the frozen VAE's latents (the text encoder optionally jointly).
 The result is saved as an ordinary diffusers folder, loadable with
-``StableDiffusionPipeline.from_pretrained``. Same seed, same weights (one CPU thread).
+``StableDiffusionPipeline.from_pretrained``. Same seed, same weights (one CPU thread). A copy
+ships in ``assets/tiny-sd-scenes`` as the trainer's default model (:func:`default_pretrained_pipeline`).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -34,6 +36,8 @@ logger = logging.getLogger(__name__)
 #: Bump whenever the architecture, data or training recipe below change (stale caches rebuild).
 PRETRAINED_VERSION = "1"
 PRETRAINED_SUBDIR = "tiny-sd-scenes"
+#: The pipeline shipped with the repository: the trainer's default model when it is current.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / PRETRAINED_SUBDIR
 MARKER = ".adaprelora_pretrained_complete"
 REPORT_NAME = "pretraining_report.json"
 #: Captions are at most ~25 word tokens with the scene tokenizer; 32 keeps attention cheap.
@@ -58,6 +62,23 @@ class PretrainReport:
     total_seconds: float = 0.0
     scaling_factor: float = 1.0
     weight_bytes: int = 0
+    #: Every setting the weights depend on (see :func:`recipe`), so a shipped copy can be checked.
+    recipe: dict = field(default_factory=dict)
+
+
+#: Arguments of :func:`pretrain_tiny_pipeline` that do not change the weights.
+_NOT_RECIPE = ("output_dir", "log_every", "overwrite", "progress")
+
+
+def recipe(**overrides) -> dict:
+    """The settings a pretraining run with ``overrides`` uses: version, architecture constants and
+    :func:`pretrain_tiny_pipeline`'s arguments (its defaults unless overridden)."""
+    unknown = set(overrides) - set(_RECIPE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown pretraining settings: {sorted(unknown)}")
+    settings = {**_RECIPE_DEFAULTS, **overrides}
+    return {"version": PRETRAINED_VERSION, "text_hidden_size": TEXT_HIDDEN_SIZE, "max_text_length": MAX_TEXT_LENGTH,
+            **settings}
 
 
 def scene_tokenizer_merges(words: list[str] | None = None) -> list[str]:
@@ -267,7 +288,12 @@ def pretrain_tiny_pipeline(
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
 
-    report = PretrainReport(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, train_text_encoder=train_text_encoder)
+    report = PretrainReport(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, train_text_encoder=train_text_encoder,
+                            recipe=recipe(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps,
+                                          vae_batch_size=vae_batch_size, unet_batch_size=unet_batch_size, vae_lr=vae_lr,
+                                          unet_lr=unet_lr, kl_weight=kl_weight, num_latent_scenes=num_latent_scenes,
+                                          train_text_encoder=train_text_encoder, caption_dropout=caption_dropout,
+                                          resolution=resolution))
     started = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -307,6 +333,11 @@ def pretrain_tiny_pipeline(
     return report
 
 
+# Taken once, here: tests monkeypatch pretrain_tiny_pipeline, which must not change the recipe.
+_RECIPE_DEFAULTS = {name: p.default for name, p in inspect.signature(pretrain_tiny_pipeline).parameters.items()
+                    if p.default is not inspect.Parameter.empty and name not in _NOT_RECIPE}
+
+
 def _replace_dir(staging: Path, target: Path) -> None:
     if target.exists():
         stale = target.parent / f".{target.name}.stale-{uuid.uuid4().hex}"
@@ -323,14 +354,37 @@ def _replace_dir(staging: Path, target: Path) -> None:
             raise
 
 
+#: What a finished pipeline folder holds besides the marker (weights are checked per model).
+REQUIRED_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json",
+    "text_encoder/config.json",
+    "vae/config.json",
+    "unet/config.json",
+    REPORT_NAME,
+)
+
+
+def pretrained_version(path: str | os.PathLike) -> str | None:
+    """The recipe version written in ``path``'s marker, or None if it has no readable marker."""
+    try:
+        info = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info.get("version") if isinstance(info, dict) else None
+
+
 def is_complete_pretrained_pipeline(path: str | os.PathLike) -> bool:
     """True if ``path`` holds a finished pretrained tiny pipeline of the current version."""
     path = Path(path)
-    try:
-        info = json.loads((path / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if pretrained_version(path) != PRETRAINED_VERSION:
         return False
-    return info.get("version") == PRETRAINED_VERSION and (path / "model_index.json").is_file()
+    if not all((path / rel).is_file() for rel in REQUIRED_FILES):
+        return False
+    return all(any((path / sub).glob("*.safetensors")) for sub in ("text_encoder", "vae", "unet"))
 
 
 def ensure_pretrained_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int = 0, **kwargs) -> Path:
@@ -345,3 +399,25 @@ def ensure_pretrained_tiny_pipeline(cache_dir: str | os.PathLike | None = None, 
     if not is_complete_pretrained_pipeline(target):
         pretrain_tiny_pipeline(target, seed=seed, overwrite=True, **kwargs)
     return target
+
+
+def default_pretrained_pipeline(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The trainer's default model: the shipped pipeline, or a deterministic rebuild of it.
+
+    ``assets/tiny-sd-scenes`` is used when it is complete and of the current
+    :data:`PRETRAINED_VERSION`. Otherwise (an install without the assets, or a recipe changed
+    without re-shipping) the same recipe is pretrained once into the cache, which takes minutes
+    on a CPU, and that folder is returned; with one CPU thread it has the same weights.
+    """
+    if is_complete_pretrained_pipeline(SHIPPED_DIR):
+        return SHIPPED_DIR
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cached = root / PRETRAINED_SUBDIR
+    if not is_complete_pretrained_pipeline(cached):
+        found = pretrained_version(SHIPPED_DIR)
+        why = "is missing" if found is None else f"is version {found}, not {PRETRAINED_VERSION}, or incomplete"
+        logger.warning(
+            "The shipped pretrained tiny pipeline %s %s: pretraining it into %s instead "
+            "(once, about 7 minutes on one CPU thread; later runs reuse it).", SHIPPED_DIR, why, cached,
+        )
+    return ensure_pretrained_tiny_pipeline(root)

@@ -37,6 +37,7 @@ from .data import DreamBoothDataset, EpochShuffleSampler, collate_fn
 from .lora_io import LORA_WEIGHT_NAME, save_kohya_lora, save_lora_weights
 from .lora_setup import attach_lora, trainable_parameters
 from .models import load_pipeline_components, resolve_model_source
+from .pretrained_tiny import is_complete_pretrained_pipeline
 from .optim import make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -196,8 +197,8 @@ def train(
     """
     started = time.perf_counter()
     config.validate()
-    kind, _ = resolve_model_source(config.pretrained_model_name_or_path)
-    config = config.resolved(tiny=kind == "tiny")
+    kind, source = resolve_model_source(config.pretrained_model_name_or_path)
+    config = config.resolved(tiny=kind == "tiny", pretrained=kind == "tiny" and is_complete_pretrained_pipeline(source))
     config.validate()
     output_dir = Path(config.output_dir).resolve()  # relative paths are resolved once, here
     check_output_dir(output_dir, config)
@@ -226,9 +227,10 @@ def train(
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     components = load_pipeline_components(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant)
-    if components.is_tiny:
-        logger.warning("No --pretrained_model_name_or_path: training a TINY RANDOM-WEIGHT model on the demo subject. "
-                       "This is a smoke run of the machinery, not a useful LoRA.")
+    if components.is_tiny and config.pretrained_model_name_or_path is None:
+        logger.warning("No --pretrained_model_name_or_path: training a LoRA on the TINY PRETRAINED demo model (64 px "
+                       "coloured shapes) with the demo subject. It shows personalization working on a CPU; it is not a "
+                       "useful LoRA for real images.")
     tokenizer, text_encoder, vae, unet, noise_scheduler = (components.tokenizer, components.text_encoder, components.vae,
                                                             components.unet, components.noise_scheduler)
     vae.requires_grad_(False)

@@ -76,9 +76,12 @@ def worker(args) -> None:
     from adaprelora_diffusion.training import train
 
     name, extra = CONFIGS[args.worker]
-    model = None
     if args.model == "sd15":
         model = str(build_sd15_pipeline(Path(args.cache) / "sd15-random"))
+    else:  # the random-weight tiny pipeline, named explicitly (the no-model default is the pretrained one)
+        from adaprelora_diffusion.tiny_pipeline import ensure_tiny_pipeline
+
+        model = str(ensure_tiny_pipeline())
     stamps: list[float] = []
     out = tempfile.mkdtemp()
     config = TrainConfig(pretrained_model_name_or_path=model, output_dir=out, optimizer=name, report_to="none",

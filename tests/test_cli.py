@@ -42,7 +42,8 @@ def test_bad_flags_exit_with_a_message(tmp_path, tiny_pipeline_dir):
 
 def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, tiny_pipeline_dir):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "train_dreambooth.py", "--output_dir", str(out), "--report_to", "none",
+    proc = subprocess.Popen([sys.executable, "train_dreambooth.py", "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
+                             "--output_dir", str(out), "--report_to", "none",
                              "--num_validation_images", "0", "--max_train_steps", "100000", "--checkpointing_steps", "100000"],
                             cwd=ROOT, env=env_for(tiny_pipeline_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

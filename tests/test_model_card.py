@@ -100,10 +100,9 @@ def test_hub_base_model_card(lora_dir):
     assert card.data.base_model == HUB_ID and card.data.instance_prompt == "a photo of sks robot"
 
 
-@pytest.mark.parametrize("as_path", [False, True])
-def test_tiny_base_model_is_flagged_as_smoke_test(lora_dir, tiny_pipeline_dir, as_path):
-    base = tiny_pipeline_dir if as_path else None
-    path = model_card.write_model_card(lora_dir, base_model=base, instance_prompt="a photo of sks robot", settings={"seed": 3})
+def test_random_tiny_base_model_is_flagged_as_smoke_test(lora_dir, tiny_pipeline_dir):
+    path = model_card.write_model_card(lora_dir, base_model=tiny_pipeline_dir, instance_prompt="a photo of sks robot",
+                                       settings={"seed": 3})
     meta, body = split_card(path.read_text(encoding="utf-8"))
     assert "base_model" not in meta  # not a Hub id
     assert "widget" not in meta and "## Sample images" not in body
@@ -112,6 +111,21 @@ def test_tiny_base_model_is_flagged_as_smoke_test(lora_dir, tiny_pipeline_dir, a
     compile(snippet, "README snippet", "exec")
     assert "ensure_tiny_pipeline()" in snippet and str(tiny_pipeline_dir) not in snippet
     assert table_rows(body) == {"seed": "3"}
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_default_pretrained_base_model_is_flagged_as_demo(lora_dir, as_path):
+    from adaprelora_diffusion.pretrained_tiny import SHIPPED_DIR
+
+    base = SHIPPED_DIR if as_path else None
+    path = model_card.write_model_card(lora_dir, base_model=base, instance_prompt="a photo of sks robot", settings={})
+    meta, body = split_card(path.read_text(encoding="utf-8"))
+    assert "base_model" not in meta
+    assert "pretrained on procedural shapes" in body and "demo model" in body.lower()
+    assert "random-weight" not in body
+    (snippet,) = python_snippets(body)
+    compile(snippet, "README snippet", "exec")
+    assert "default_pretrained_pipeline()" in snippet and str(SHIPPED_DIR) not in snippet
 
 
 def test_local_base_models_stay_out_of_the_metadata(lora_dir, tmp_path):

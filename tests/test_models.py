@@ -16,24 +16,36 @@ def copy_pipeline(src, dst):
     return dst
 
 
-def test_none_means_tiny_model_with_a_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("ADAPRELORA_CACHE", str(tmp_path))
+def test_none_means_the_shipped_pretrained_tiny_model_with_a_warning(caplog):
+    from adaprelora_diffusion.pretrained_tiny import SHIPPED_DIR
+
     with caplog.at_level(logging.WARNING, logger="adaprelora_diffusion.models"):
         c = load_pipeline_components(None)
     assert c.is_tiny and c.kind == "tiny"
-    assert c.source == str(tmp_path / "tiny-sd")
-    assert any("tiny random-weight" in r.getMessage() and "smoke" in r.getMessage() for r in caplog.records)
+    assert c.source == str(SHIPPED_DIR)
+    assert any("pretrained on procedural shapes" in r.getMessage() for r in caplog.records)
     assert isinstance(c.unet, UNet2DConditionModel) and isinstance(c.vae, AutoencoderKL)
     assert isinstance(c.text_encoder, CLIPTextModel)
     assert c.text_encoder.config.vocab_size == len(c.tokenizer)
     assert c.unet.config.cross_attention_dim == c.text_encoder.config.hidden_size
+    assert c.unet.dtype == torch.float32
 
 
-def test_folder_loads_components_and_ddpm_from_its_scheduler_config(tiny_pipeline_dir, caplog):
+def test_random_tiny_folder_named_explicitly_is_tiny(tiny_pipeline_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="adaprelora_diffusion.models"):
         c = load_pipeline_components(tiny_pipeline_dir)
+    assert c.kind == "tiny" and c.source == str(tiny_pipeline_dir)
+    assert any("tiny random-weight" in r.getMessage() and "smoke" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_loads_components_and_ddpm_from_its_scheduler_config(tmp_path, tiny_pipeline_dir, caplog):
+    folder = copy_pipeline(tiny_pipeline_dir, tmp_path / "plain")
+    for marker in folder.glob(".adaprelora_*"):
+        marker.unlink()  # an ordinary diffusers folder, not one of the embedded tiny pipelines
+    with caplog.at_level(logging.WARNING, logger="adaprelora_diffusion.models"):
+        c = load_pipeline_components(folder)
     assert c.kind == "folder" and not c.is_tiny
-    assert not any("tiny random-weight" in r.getMessage() for r in caplog.records)
+    assert not any("Using the tiny" in r.getMessage() for r in caplog.records)
     # The pipeline ships a DDIM sampler; training gets DDPM with the same noise schedule.
     sampler = json.loads((tiny_pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
     assert sampler["_class_name"] != "DDPMScheduler"

@@ -118,3 +118,56 @@ def test_scene_tokenizer_merges_make_whole_words():
     ranks = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
     for word in ("red", "green", "tree"):
         assert pt._bpe(word, ranks) == [word + "</w>"]
+
+
+# -- the shipped copy (assets/tiny-sd-scenes): the trainer's default model ---------------------
+
+SHIPPED = pt.SHIPPED_DIR
+RESHIP = "bump PRETRAINED_VERSION and re-ship it as assets/README.md says"
+
+
+def test_shipped_pipeline_is_complete_and_of_the_current_recipe():
+    assert pt.is_complete_pretrained_pipeline(SHIPPED), (
+        f"{SHIPPED} is missing, incomplete or of version {pt.pretrained_version(SHIPPED)} != {pt.PRETRAINED_VERSION}: {RESHIP}")
+    assert pt.default_pretrained_pipeline() == SHIPPED
+    report = json.loads((SHIPPED / pt.REPORT_NAME).read_text())
+    # A default changed without bumping PRETRAINED_VERSION and re-shipping shows up here.
+    assert report["recipe"] == json.loads(json.dumps(pt.recipe())), RESHIP
+    weights = list(SHIPPED.rglob("*.safetensors"))
+    assert {w.parent.name for w in weights} == {"text_encoder", "vae", "unet"}
+    assert sum(w.stat().st_size for w in weights) <= 8 * 2**20
+    assert all(f.stat().st_size < 5 * 2**20 for f in SHIPPED.rglob("*") if f.is_file())
+
+
+def test_shipped_pipeline_loads_as_float32_and_draws_the_prompt():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED))
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    # Shape colour and background only: the model ignores position words (README, T3).
+    specs = [scenes.SceneSpec((scenes.Shape("square", "blue", "top", "large"),), "black"),
+             scenes.SceneSpec((scenes.Shape("circle", "yellow", "bottom", "large"),), "blue")]
+    generators = [torch.Generator().manual_seed(i) for i in range(len(specs))]
+    images = pipe([s.caption() for s in specs], num_inference_steps=25, guidance_scale=4.0, generator=generators,
+                  height=64, width=64).images
+    for spec, image in zip(specs, images):
+        verdict = scenes.judge(image, spec)  # the random pipeline's noise fails both backgrounds
+        assert verdict["background_ok"] and all(verdict["color_present"]), (spec.caption(), verdict)
+
+
+def test_default_rebuilds_into_the_cache_when_the_shipped_copy_is_stale(tmp_path, monkeypatch, caplog):
+    import logging
+    import shutil
+
+    stale = tmp_path / "assets" / pt.PRETRAINED_SUBDIR
+    shutil.copytree(SHIPPED, stale)
+    (stale / pt.MARKER).write_text(json.dumps({"version": "0"}))
+    monkeypatch.setattr(pt, "SHIPPED_DIR", stale)
+    real = pt.pretrain_tiny_pipeline
+    monkeypatch.setattr(pt, "pretrain_tiny_pipeline", lambda target, **k: real(target, **{**k, **FAST, "vae_steps": 2, "unet_steps": 2}))
+    with caplog.at_level(logging.WARNING, logger=pt.__name__):
+        folder = pt.default_pretrained_pipeline(cache_dir=tmp_path / "cache")
+    assert folder == tmp_path / "cache" / pt.PRETRAINED_SUBDIR and pt.is_complete_pretrained_pipeline(folder)
+    assert any("version 0" in r.getMessage() and "pretraining it into" in r.getMessage() for r in caplog.records)

@@ -8,15 +8,21 @@ import torch
 from safetensors.torch import load_file
 
 import adaprelora_diffusion.checkpointing as checkpointing
+import adaprelora_diffusion.pretrained_tiny as pretrained_tiny
 import adaprelora_diffusion.training as training
 from adaprelora_diffusion.config import DEMO_SUBJECT_DIR, TrainConfig
 from adaprelora_diffusion.training import TrainingError, train
 
 
+SHIPPED_DEFAULT = pretrained_tiny.default_pretrained_pipeline
+
+
 @pytest.fixture(autouse=True)
 def tiny_default(tiny_pipeline_dir, monkeypatch):
-    """The no-model default resolves to the session's tiny pipeline, never ~/.cache."""
+    """The no-model default resolves to the session's random tiny pipeline (fast; the numbers
+    below were set on it), never ~/.cache. test_default_model_* checks the real default."""
     monkeypatch.setenv("ADAPRELORA_CACHE", str(tiny_pipeline_dir.parent))
+    monkeypatch.setattr(pretrained_tiny, "default_pretrained_pipeline", lambda cache_dir=None: tiny_pipeline_dir)
 
 
 def config(tmp_path, **overrides) -> TrainConfig:
@@ -48,6 +54,16 @@ def test_smoke_run_writes_lora_samples_card_and_checkpoints(tmp_path):
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 4 and "checkpoint" in kinds
     assert any(e.images for e in events if e.kind == "validation")
+
+
+def test_default_model_is_the_shipped_pretrained_pipeline(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained_tiny, "default_pretrained_pipeline", SHIPPED_DEFAULT)
+    result = train(config(tmp_path, max_train_steps=2))
+    assert result.global_step == 2 and all(torch.isfinite(t).all() for t in lora(result).values())
+    saved = json.loads((result.output_dir / training.RUN_CONFIG_NAME).read_text())
+    assert saved["pretrained_model_name_or_path"] is None and saved["resolution"] == 64
+    assert saved["instance_data_dir"] == str(DEMO_SUBJECT_DIR)
+    assert "pretrained on procedural shapes" in (result.output_dir / "README.md").read_text()
 
 
 @pytest.mark.parametrize("optimizer", ["adaprelora", "adamw"])
