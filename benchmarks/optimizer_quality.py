@@ -309,7 +309,7 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=[t for t in TASKS if t not in OPT_IN], choices=list(TASKS),
                         help=f"default: all but the opt-in {sorted(OPT_IN)}")
     parser.add_argument("--t3-pipeline", type=Path, default=None,
-                        help="T3's base pipeline folder (default: the pretrained tiny scenes pipeline)")
+                        help="T3's base pipeline folder (default: the shipped pretrained tiny pipeline, assets/tiny-sd-scenes)")
     parser.add_argument("--optimizers", nargs="+", choices=list(CONFIGS), help="config labels (default: all; --quick: a few)")
     parser.add_argument("--seeds", type=int, help="seeds per lr (default 3; --quick: 1)")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="one lr grid for every config (overrides family grids)")

@@ -134,7 +134,7 @@ class Personalization:
                  pipeline_dir: str | Path | None = None, work_dir: str | Path | None = None, log=lambda s: None):
         from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-        from ..pretrained_tiny import ensure_pretrained_tiny_pipeline
+        from ..pretrained_tiny import default_pretrained_pipeline
         from ..prior import ensure_class_images
         from ..validation import generate_images
 
@@ -144,7 +144,7 @@ class Personalization:
         if prior_preservation:
             self.name, self.description = "T3-prior", self.description + ", with prior preservation"
         self.sample_steps, self.guidance, self.num_samples = sample_steps, guidance_scale, num_samples
-        self.pipeline_dir = Path(pipeline_dir) if pipeline_dir is not None else ensure_pretrained_tiny_pipeline()
+        self.pipeline_dir = Path(pipeline_dir) if pipeline_dir is not None else default_pretrained_pipeline()
         self.work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="adaprelora-t3-"))
         self.instance_prompt, self.class_prompt = DEMO_INSTANCE_PROMPT, CLASS_PROMPT
         t0 = time.perf_counter()
@@ -222,6 +222,7 @@ class Personalization:
         return TrainConfig(
             pretrained_model_name_or_path=str(self.pipeline_dir), instance_data_dir=str(DEMO_SUBJECT_DIR),
             instance_prompt=self.instance_prompt, resolution=self.resolution, rank=self.rank,
+            lora_target_modules="attention",  # a real model's default, not the demo run's "all"
             optimizer=config.optimizer, learning_rate=lr, lr_scheduler=schedule, lr_warmup_steps=0,
             max_train_steps=self.steps, seed=seed, cache_latents=True, cpu=True, report_to="none",
             checkpointing_steps=self.steps + 1, num_validation_images=0, validation_steps=0,

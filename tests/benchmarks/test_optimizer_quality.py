@@ -36,10 +36,10 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys, tiny_pipeline_dir):
+def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys):
     bench = load()
     out = tmp_path / "out"
-    payload = bench.main(["--quick", "--out", str(out), "--t3-pipeline", str(tiny_pipeline_dir)])
+    payload = bench.main(["--quick", "--out", str(out)])  # T3 on the shipped pretrained pipeline
     torch.set_num_threads(1)
     printed = capsys.readouterr().out
     on_disk = json.loads((out / "optimizer_quality.json").read_text(), parse_constant=_no_nonstandard_json)

@@ -61,6 +61,7 @@ def test_optimizer_variants_map_to_trainer_flags(task, tmp_path):
                             "cosine", tmp_path)
     assert (cfg.adaprelora_stats, cfg.adaprelora_balance, cfg.adam_beta1, cfg.adam_beta2) == ("exact", 0.0, 0.0, 0.99)
     assert (cfg.learning_rate, cfg.seed, cfg.lr_scheduler, cfg.max_train_steps) == (1e-3, 5, "cosine", 4)
+    assert cfg.lora_target_modules == "attention" and cfg.rank == 4
     cfg.validate()
     with pytest.raises(ValueError, match="cannot pass optimizer option 'foo'"):
         task.train_config(Config("x", "adaprelora", {"foo": 1}), 1e-3, 0, "cosine", tmp_path)
