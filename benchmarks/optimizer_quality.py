@@ -266,8 +266,8 @@ def _strict_json(value):
     return value
 
 
-def _fmt(x: float) -> str:
-    return "inf" if not math.isfinite(x) else f"{x:.4g}"
+def _fmt(x: float | None) -> str:
+    return "inf" if x is None or not math.isfinite(x) else f"{x:.4g}"  # None: a non-finite value read back from JSON
 
 
 def markdown(summary: dict, seeds: int, fresh: bool, lr_from: str | None = None) -> str:
@@ -303,6 +303,61 @@ def markdown(summary: dict, seeds: int, fresh: bool, lr_from: str | None = None)
     return "\n".join(lines)
 
 
+def render(payload: dict) -> str:
+    """The whole markdown report of a payload (also from a saved JSON: ``--render``)."""
+    seeds = len(payload["seeds"])
+    fresh = payload["report_seeds"] != payload["seeds"]
+    walls = ", ".join(f"{name} {task['task_wall_s']:.0f} s" for name, task in payload["tasks"].items() if "task_wall_s" in task)
+    header = (f"Optimizer quality ({'quick' if payload['quick'] else 'full'}), device: {payload['device']}; torch "
+              f"{payload['torch']}; suite wall time {payload['suite_wall_s']:.0f} s ({walls})")
+    sections = [markdown(task, seeds, fresh, LR_FROM.get(name)) for name, task in payload["tasks"].items()]
+    return header + "\n\n" + headline(payload) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def headline(payload: dict) -> str:
+    """The summary table the README shows: per swept task, AdamW, the best other baseline, the
+    default AdaPreLoRA and its best variant (primary metric, report seeds), and the short-budget
+    test; then, for tasks that re-run another's lrs (T3-prior), the prior-drift comparison."""
+    lines = ["| task (primary metric, lower is better) | AdamW | best other baseline | AdaPreLoRA (default) "
+             "| best AdaPreLoRA variant | AdaPreLoRA with 0.7x the steps |", "|---|---:|---:|---:|---:|---:|"]
+    prior_rows = []
+    for name, task in payload["tasks"].items():
+        primary = task["metrics"][0]
+        by = {c["label"]: c for c in task["configs"]}
+
+        def cell(c):
+            f = c["final"][primary]
+            return f"{_fmt(f['mean'])} +- {_fmt(f['std'])}"
+
+        if name in LR_FROM:
+            for label in ("adamw", "adaprelora"):
+                if label in by and label in {c["label"] for c in payload["tasks"][LR_FROM[name]]["configs"]}:
+                    prior_rows.append((label, payload["tasks"][LR_FROM[name]], by[label]))
+            continue
+        if "adamw" not in by or "adaprelora" not in by:
+            continue
+        base = [c for c in task["configs"] if c["optimizer"] != "adaprelora" and c["label"] != "adamw"]
+        variants = [c for c in task["configs"] if c["optimizer"] == "adaprelora" and c["label"] != "adaprelora"]
+        best_base = min(base, key=lambda c: c["final"][primary]["mean"], default=None)
+        best_var = min(variants, key=lambda c: c["final"][primary]["mean"], default=None)
+        short = next((c for c in (task.get("short_budget") or {}).get("configs", []) if c["label"] == "adaprelora"), None)
+        lines.append(
+            f"| {name} ({primary}) | {cell(by['adamw'])} | "
+            + (f"{best_base['label']} {cell(best_base)}" if best_base else "-") + f" | {cell(by['adaprelora'])} | "
+            + (f"{best_var['label']} {cell(best_var)}" if best_var else "-") + " | "
+            + (f"{_fmt(short['mean'])} +- {_fmt(short['std'])} ({short['at_or_below_target']}/{len(short['finals'])} seeds "
+               "<= AdamW's final)" if short else "-") + " |")
+    if prior_rows:
+        metrics = ("heldout_loss", "fidelity", "class_drift", "class_leak", "scene_drift")
+        lines += ["", "| optimizer | prior preservation | " + " | ".join(metrics) + " |", "|---|---|" + "---:|" * len(metrics)]
+        for label, without, with_prior in prior_rows:
+            plain = next(c for c in without["configs"] if c["label"] == label)
+            for tag, c in (("no", plain), ("yes", with_prior)):
+                cells = [f"{_fmt(c['final'][m]['mean'])} +- {_fmt(c['final'][m]['std'])}" if m in c["final"] else "-" for m in metrics]
+                lines.append(f"| {label} | {tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,7 +375,18 @@ def main(argv=None):
     parser.add_argument("--schedule", default="cosine", choices=list(SCHEDULES), help="lr schedule, the same for every config")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed, 2 lrs, 3 optimizers: a smoke test")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only re-write optimizer_quality.md under --out from a saved optimizer_quality.json")
     args = parser.parse_args(argv)
+    if args.render:
+        try:
+            text = render(json.loads(args.render.read_text()))
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--render {args.render}: not a readable optimizer_quality.json ({err!r}).")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "optimizer_quality.md").write_text(text)
+        print(text)
+        return None
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     extend = args.extend if args.extend is not None else (0 if args.quick else 2)
     if seeds < 1:
@@ -345,7 +411,6 @@ def main(argv=None):
                     "`report_seeds` at that lr; same seeds, budget and schedule for all",
         "tasks": {},
     }
-    sections = []
     for name in args.tasks:
         if name in LR_FROM and LR_FROM[name] not in args.tasks:
             parser.error(f"task {name} takes its lrs from {LR_FROM[name]}: add {LR_FROM[name]} to --tasks.")
@@ -381,16 +446,13 @@ def main(argv=None):
                                                    args.schedule, log)
         summary["task_wall_s"] = time.perf_counter() - t_task
         payload["tasks"][task_name] = summary
-        sections.append(markdown(summary, seeds, fresh, LR_FROM.get(task_name)))
         args.out.mkdir(parents=True, exist_ok=True)
         curves = {c["label"]: (c["curve"]["steps"], c["curve"]["mean"]) for c in summary["configs"]}
         plot_curves(args.out / f"{task_name}_curves.png", f"{task_name} {task.description}: best-tuned, mean of {seeds} seed(s)",
                     f"held-out {task.metrics[0]}", curves)
         log(f"{task_name} done in {summary['task_wall_s']:.1f} s")
     payload["suite_wall_s"] = time.perf_counter() - t_suite
-    header = (f"Optimizer quality ({'quick' if args.quick else 'full'}), device: {payload['device']}; torch {torch.__version__}; "
-              f"suite wall time {payload['suite_wall_s']:.0f} s")
-    text = header + "\n\n" + "\n\n".join(sections) + "\n"
+    text = render(payload)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "optimizer_quality.md").write_text(text)

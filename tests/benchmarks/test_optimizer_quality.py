@@ -92,6 +92,13 @@ def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys):
             for c in short["configs"]:
                 assert len(c["finals"]) == 1 and c["at_or_below_target"] == sum(f <= short["target"] for f in c["finals"])
             assert f"Short budget: {short['steps']} steps" in markdown
+    # the headline table has one row per swept task and the prior-drift rows for T3-prior
+    for name in ("T1", "T2", "T3"):
+        assert f"| {name} ({on_disk['tasks'][name]['metrics'][0]}) |" in markdown
+    assert "| adaprelora | yes |" in markdown and "| adamw | no |" in markdown
+    # the report re-renders identically from the saved JSON
+    bench.main(["--render", str(out / "optimizer_quality.json"), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "optimizer_quality.md").read_text() == markdown
     # AdaPreLoRA keeps less state than AdamW on the same LoRA (statistics + one momentum vs two)
     t1 = {c["label"]: c for c in on_disk["tasks"]["T1"]["configs"]}
     assert 0 < t1["adaprelora"]["state_bytes"] < t1["adamw"]["state_bytes"]
@@ -117,6 +124,7 @@ def test_second_run_reuses_the_cached_pretrained_model(tmp_path, cache):
     (["--optimizers", "sgd"], "invalid choice"),
     (["--tasks", "T9"], "invalid choice"),
     (["--tasks", "T3-prior"], "task T3-prior takes its lrs from T3: add T3 to --tasks"),
+    (["--render", "/nonexistent/optimizer_quality.json"], "not a readable optimizer_quality.json"),
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
