@@ -23,13 +23,13 @@ from .statistics import STATS_MODES, HookStatistics
 
 __all__ = ["AdaPreLoRA", "DEFAULT_STATS"]
 
-# Provisional until the diffusion task (T3) of benchmarks/optimizer_quality.py settles it. Evidence
-# so far (best-tuned lr per mode, mean of 3 fresh seeds, benchmarks/results/optimizer_quality.md):
-# T1 low-rank regression excess MSE: sketch 8.78e-5, exact 8.84e-5, tangent 1.18e-4 (AdamW
-# 1.99e-4); T2 LM adaptation loss: sketch 1.674, exact 1.672, tangent 1.679 (AdamW 1.674).
-# Sketch matches exact, costs O(T (m + n) k) in backward instead of a full m x n matmul per layer
-# (SD 1.5 shapes: 57 vs 115 ms in benchmarks/optimizer_step.py), and is exact under gradient
-# accumulation and data parallelism.
+# Set by benchmarks/optimizer_quality.py (best-tuned lr per mode, mean of 3 fresh seeds,
+# benchmarks/results/optimizer_quality.md): T1 excess MSE sketch 8.78e-5, exact 8.84e-5, tangent
+# 1.18e-4 (AdamW 1.99e-4); T2 LM loss sketch 1.270, exact 1.258 (1.3 std apart), tangent 1.230
+# (AdamW 1.235); T3 DreamBooth held-out loss sketch 0.1381, exact 0.1381, tangent 0.1410 (AdamW
+# 0.1396). Sketch matches exact everywhere, costs O(T (m + n) k) in backward instead of a full
+# m x n matmul per layer (SD 1.5 shapes: 57 vs 115 ms in benchmarks/optimizer_step.py) and is
+# exact under gradient accumulation and data parallelism; tangent wins T2 but loses T3.
 DEFAULT_STATS = "sketch"
 
 
@@ -72,6 +72,19 @@ class AdaPreLoRA(LoraPairOptimizer):
 
     A step whose gradients or statistics contain inf/NaN is skipped: parameters and state
     stay unchanged, ``skipped_steps`` counts it and a RuntimeWarning says so.
+
+    Defaults and their evidence (benchmarks/optimizer_quality.py: every setting at its own
+    best lr, 3 fresh seeds; benchmarks/adaprelora_ablation.py: T1 with 9 more paired seeds):
+
+    * ``lr``: the best lr equals AdamW's on the same LoRA or is up to 3x lower (T1 0.0316 vs
+      0.1, T2 and T3 equal, T4 0.001 vs 0.00316); 1e-4 is the usual AdamW LoRA lr of SD and LLMs.
+    * ``stats="sketch"``: equal to "exact" on T1-T3 at half its backward cost (see DEFAULT_STATS).
+    * ``damping=0.1``: 0.01-0.3 tie on T1 within seed noise; 1.0 is worse.
+    * ``clip_threshold=1.0``: never triggers on T1 (largest update RMS 0.46); a bound for bad steps.
+    * ``momentum="gradient"``: equal to "update" on T1.
+    * ``balance=0.5``: 0 is 9% better on T1 but ties on T2 and T3; 1 is worse on T3.
+    * ``betas=(0.9, 0.999)``: the design's default. ``(0.0, 0.999)`` ties on T1 and T3 and is
+      better on T2 (held-out loss 1.231 vs 1.270): try it first when tuning.
 
     Build it with :meth:`from_model`.
     """
