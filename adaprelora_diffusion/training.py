@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpointing import CheckpointError, LoopState, list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import CheckpointError, LoopState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochShuffleSampler, collate_fn
 from .lora_io import LORA_WEIGHT_NAME, save_kohya_lora, save_lora_weights

@@ -37,9 +37,7 @@ Writes adaprelora_ablation.md and adaprelora_ablation.json under --out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -51,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adaprelora_diffusion.quality.report import cpu_name, mean_std, write_report  # noqa: E402
 from adaprelora_diffusion.quality.harness import Config, ConfigResult, mean_curve, run_one, steps_to_reach, sweep  # noqa: E402
 from adaprelora_diffusion.quality.tasks import LowRankRegression  # noqa: E402
 
@@ -160,26 +159,10 @@ PAIRED_BASE = {"cosine": ("cosine", "adaprelora"), "budget": ("cosine", "adamw")
 SECTIONS = ("cosine", "budget", "constant")
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    if not all(math.isfinite(v) for v in values):
-        return {"mean": math.inf, "std": math.nan}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "-"
     return "inf" if not math.isfinite(x) else f"{x:.{digits}g}"
-
-
-def _strict_json(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
 
 
 def _row_summary(row: Row, task: PopulationT1, res: ConfigResult, wall: float) -> dict[str, Any]:
@@ -190,10 +173,10 @@ def _row_summary(row: Row, task: PopulationT1, res: ConfigResult, wall: float) -
         "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in row.kwargs.items()},
         "schedule": row.schedule, "steps": task.steps, "fraction": row.fraction,
         "grid": res.grid, "best_lr": res.best_lr, "edge": res.edge,
-        "final": {m: _mean_std([r.final[m] for r in best]) for m in task.metrics},
+        "final": {m: mean_std([r.final[m] for r in best]) for m in task.metrics},
         "per_seed": {m: [r.final[m] for r in best] for m in task.metrics},
         "report_seeds": [r.seed for r in best],
-        "sweep": [{"lr": lr, **_mean_std([r.final[task.metrics[0]] for r in runs]), "worst": max(r.final[task.metrics[0]] for r in runs)}
+        "sweep": [{"lr": lr, **mean_std([r.final[task.metrics[0]] for r in runs]), "worst": max(r.final[task.metrics[0]] for r in runs)}
                   for lr, runs in sorted(res.runs.items())],
         "curve": {"steps": steps, "mean": curve},
         "sweep_wall_s": wall,
@@ -203,7 +186,7 @@ def _row_summary(row: Row, task: PopulationT1, res: ConfigResult, wall: float) -
 def _paired(row: dict, base: dict | None, metric: str) -> dict[str, float] | None:
     if base is None or row is base or row["report_seeds"] != base["report_seeds"]:
         return None
-    return _mean_std([a - b for a, b in zip(row["per_seed"][metric], base["per_seed"][metric])])
+    return mean_std([a - b for a, b in zip(row["per_seed"][metric], base["per_seed"][metric])])
 
 
 def analyse(rows: list[dict], full_steps: int) -> dict[str, Any]:
@@ -249,10 +232,10 @@ def confirm(rows: list[dict], tasks: dict, seeds: list[int], log) -> dict[str, A
         ref = finals.get(default["label"]) if default is not None else None
         out["rows"].append({
             "label": r["label"], "steps": r["steps"], "lr": r["best_lr"],
-            **{m: _mean_std(f[m]) for m in f},
-            **{f"paired_{m}": _mean_std([a - b for a, b in zip(f[m], base[m])]) for m in f},
+            **{m: mean_std(f[m]) for m in f},
+            **{f"paired_{m}": mean_std([a - b for a, b in zip(f[m], base[m])]) for m in f},
             "paired_pop_excess_vs_default": None if ref is None or r is default
-            else _mean_std([a - b for a, b in zip(f["pop_excess"], ref["pop_excess"])]),
+            else mean_std([a - b for a, b in zip(f["pop_excess"], ref["pop_excess"])]),
             "wins_vs_adamw": sum(a <= b for a, b in zip(f["excess_mse"], base["excess_mse"])),
         })
     return out
@@ -388,18 +371,16 @@ def main(argv=None):
     erm = {f: [full.erm(s, max(1, round(full_steps * f))) for s in report_seeds] for f in (1.0, 0.7)}
     reference = dict(full.reference)
     for key, runs in (("erm", erm[1.0]), ("erm_0.7", erm[0.7])):
-        reference[key] = {m: _mean_std([r[m] for r in runs]) for m in full.metrics}
+        reference[key] = {m: mean_std([r[m] for r in runs]) for m in full.metrics}
     payload = {
-        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": cpu_name(),
         "torch": torch.__version__, "quick": args.quick, "full_steps": full_steps, "eval_every": full.eval_every,
         "seeds": sweep_seeds, "report_seeds": report_seeds, "extend": extend, "reference": reference,
         **targets, "rows": rows, "confirm": confirmed, "wall_s": time.perf_counter() - t0,
     }
     text = markdown(payload)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adaprelora_ablation.md").write_text(text)
-    (args.out / "adaprelora_ablation.json").write_text(json.dumps(_strict_json(payload), indent=2, allow_nan=False))
+    write_report(args.out, "adaprelora_ablation", text, payload)
     return payload
 
 

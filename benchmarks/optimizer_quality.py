@@ -45,7 +45,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -55,6 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adaprelora_diffusion.quality.report import cpu_name, mean_std, write_report  # noqa: E402
 from adaprelora_diffusion.quality.harness import SCHEDULES, Config, ConfigResult, mean_curve, run_one, steps_to_reach, sweep  # noqa: E402
 from adaprelora_diffusion.quality.plot import plot_curves  # noqa: E402
 from adaprelora_diffusion.quality.tasks import LanguageAdaptation, LowRankRegression, PretrainSpec  # noqa: E402
@@ -180,10 +180,6 @@ LR_FROM = {"T3-prior": "T3"}
 TASK_CONFIGS = {"T3-prior": ["adamw", "loraplus", "adafactor", "adaprelora"]}
 
 
-def device_name() -> str:
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def grid_for(task_name: str, family: str, quick: bool, override) -> tuple[float, ...]:
     grid = tuple(override) if override else TASK_GRIDS.get(task_name, {}).get(family, FAMILY_GRIDS[family])
     if quick and not override:
@@ -192,18 +188,11 @@ def grid_for(task_name: str, family: str, quick: bool, override) -> tuple[float,
     return grid
 
 
-def _mean_std(values):
-    finite = [v for v in values if math.isfinite(v)]
-    if len(finite) < len(values):
-        return {"mean": math.inf, "std": math.nan}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def summarize(task, results: list[ConfigResult], sweep_walls: dict[str, float]) -> dict:
     """JSON-ready summary of one task's sweeps, with steps-to-AdamW computed on seed means."""
     primary = task.metrics[0]
     adamw = next((r for r in results if r.config.label == "adamw"), None)
-    target = _mean_std([run.final[primary] for run in adamw.best])["mean"] if adamw else None
+    target = mean_std([run.final[primary] for run in adamw.best])["mean"] if adamw else None
     configs = []
     for res in results:
         best = res.best
@@ -216,14 +205,14 @@ def summarize(task, results: list[ConfigResult], sweep_walls: dict[str, float]) 
             "grid": res.grid,
             "best_lr": res.best_lr,
             "edge": res.edge,
-            "final": {m: _mean_std([run.final[m] for run in best]) for m in task.metrics},
+            "final": {m: mean_std([run.final[m] for run in best]) for m in task.metrics},
             "steps_to_adamw": reach,
             "wall_s_per_run": statistics.fmean(run.wall_s for run in best),
             "sweep_wall_s": sweep_walls[res.config.label],
             "state_bytes": max(run.state_bytes for run in best),
             "diverged_runs_at_best_lr": sum(run.diverged for run in best),
             "sweep": [
-                {"lr": lr, "finals": [run.final[primary] for run in runs], **_mean_std([run.final[primary] for run in runs]),
+                {"lr": lr, "finals": [run.final[primary] for run in runs], **mean_std([run.final[primary] for run in runs]),
                  "diverged": sum(run.diverged for run in runs)}
                 for lr, runs in sorted(res.runs.items())
             ],
@@ -248,22 +237,11 @@ def short_budget(task, results: list[ConfigResult], target, seeds, schedule, log
     rows = []
     for res in chosen:
         finals = [run_one(short, res.config, res.best_lr, s, schedule).final[primary] for s in seeds]
-        rows.append({"label": res.config.label, "lr": res.best_lr, **_mean_std(finals), "finals": finals,
+        rows.append({"label": res.config.label, "lr": res.best_lr, **mean_std(finals), "finals": finals,
                      "at_or_below_target": sum(f <= target for f in finals)})
         log(f"  {task.name} {res.config.label} with {short.steps} steps: {primary}={rows[-1]['mean']:.4g} "
             f"(AdamW's {task.steps}-step final {target:.4g})")
     return {"fraction": SHORT_BUDGET, "steps": short.steps, "target": target, "configs": rows}
-
-
-def _strict_json(value):
-    """Non-finite floats (diverged runs) become null, so the file is standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
 
 
 def _fmt(x: float | None) -> str:
@@ -404,7 +382,7 @@ def main(argv=None):
 
     t_suite = time.perf_counter()
     payload = {
-        "device": device_name(), "torch": torch.__version__, "quick": args.quick, "seeds": list(range(seeds)),
+        "device": cpu_name(), "torch": torch.__version__, "quick": args.quick, "seeds": list(range(seeds)),
         "report_seeds": report_seeds or list(range(seeds)),
         "schedule": args.schedule,
         "protocol": "best lr per config by seed-mean final primary metric over `seeds`; reported metrics from "
@@ -454,9 +432,7 @@ def main(argv=None):
     payload["suite_wall_s"] = time.perf_counter() - t_suite
     text = render(payload)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "optimizer_quality.md").write_text(text)
-    (args.out / "optimizer_quality.json").write_text(json.dumps(_strict_json(payload), indent=2, allow_nan=False))
+    write_report(args.out, "optimizer_quality", text, payload)
     return payload
 
 

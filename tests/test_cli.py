@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from adaprelora_diffusion.config import TrainConfig, build_parser, parse_config
 

@@ -7,7 +7,6 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from adaprelora_diffusion import models
 from adaprelora_diffusion.models import load_pipeline_components, resolve_model_source
 
 

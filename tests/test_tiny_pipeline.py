@@ -1,8 +1,6 @@
 import json
-import os
 
 import numpy as np
-import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file

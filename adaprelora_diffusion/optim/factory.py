@@ -7,7 +7,6 @@ pytorch-optimizer's SOAP); only AdaPreLoRA and LoRA-Pro are this package's own.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from adaprelora_diffusion.optim import find_lora_pairs
 from adaprelora_diffusion.optim.statistics import HookStatistics
