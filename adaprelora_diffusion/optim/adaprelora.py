@@ -25,11 +25,12 @@ __all__ = ["AdaPreLoRA", "DEFAULT_STATS"]
 
 # Set by benchmarks/optimizer_quality.py (best-tuned lr per mode, mean of 3 fresh seeds,
 # benchmarks/results/optimizer_quality.md): T1 excess MSE sketch 8.78e-5, exact 8.84e-5, tangent
-# 1.18e-4 (AdamW 1.99e-4); T2 LM loss sketch 1.270, exact 1.258 (1.3 std apart), tangent 1.230
-# (AdamW 1.235); T3 DreamBooth held-out loss sketch 0.1381, exact 0.1381, tangent 0.1410 (AdamW
-# 0.1396). Sketch matches exact everywhere, costs O(T (m + n) k) in backward instead of a full
-# m x n matmul per layer (SD 1.5 shapes: 57 vs 115 ms in benchmarks/optimizer_step.py) and is
-# exact under gradient accumulation and data parallelism; tangent wins T2 but loses T3.
+# 1.18e-4 (AdamW 1.99e-4); T2 LM loss sketch 1.270, exact 1.258 (1.3 std apart); on a finer lr
+# grid (results/t2_fine_grid) sketch 1.239, tangent 1.240 (AdamW 1.240); T3 DreamBooth held-out
+# loss sketch 0.1381, exact 0.1381, tangent 0.1410 (AdamW 0.1396). Sketch matches exact
+# everywhere, costs O(T (m + n) k) in backward instead of a full m x n matmul per layer (SD 1.5
+# shapes: 57 vs 115 ms in benchmarks/optimizer_step.py) and is exact under gradient accumulation
+# and data parallelism; tangent ties on T1/T2 and loses on T3.
 DEFAULT_STATS = "sketch"
 
 
@@ -77,14 +78,14 @@ class AdaPreLoRA(LoraPairOptimizer):
     best lr, 3 fresh seeds; benchmarks/adaprelora_ablation.py: T1 with 9 more paired seeds):
 
     * ``lr``: the best lr equals AdamW's on the same LoRA or is up to 3x lower (T1 0.0316 vs
-      0.1, T2 and T3 equal, T4 0.001 vs 0.00316); 1e-4 is the usual AdamW LoRA lr of SD and LLMs.
+      0.1, T2 0.0178 vs 0.0316, T3 equal, T4 0.001 vs 0.00316); 1e-4 is the usual AdamW LoRA lr of SD and LLMs.
     * ``stats="sketch"``: equal to "exact" on T1-T3 at half its backward cost (see DEFAULT_STATS).
     * ``damping=0.1``: 0.01-0.3 tie on T1 within seed noise; 1.0 is worse.
     * ``clip_threshold=1.0``: never triggers on T1 (largest update RMS 0.46); a bound for bad steps.
     * ``momentum="gradient"``: equal to "update" on T1.
     * ``balance=0.5``: 0 is 9% better on T1 but ties on T2 and T3; 1 is worse on T3.
-    * ``betas=(0.9, 0.999)``: the design's default. ``(0.0, 0.999)`` ties on T1 and T3 and is
-      better on T2 (held-out loss 1.231 vs 1.270): try it first when tuning.
+    * ``betas=(0.9, 0.999)``: the design's default. ``(0.0, 0.999)`` ties once each setting gets
+      a fine lr grid and enough seeds (T1 9 paired seeds; T2 1.236 vs 1.239; T3 0.1382 vs 0.1381).
 
     Build it with :meth:`from_model`.
     """
