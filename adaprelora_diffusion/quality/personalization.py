@@ -145,13 +145,14 @@ class Personalization:
             self.name, self.description = "T3-prior", self.description + ", with prior preservation"
         self.sample_steps, self.guidance, self.num_samples = sample_steps, guidance_scale, num_samples
         self.pipeline_dir = Path(pipeline_dir) if pipeline_dir is not None else default_pretrained_pipeline()
-        self.work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="adaprelora-t3-"))
+        # Class images and run folders; a temporary one is removed with the task object.
+        self._tmp = tempfile.TemporaryDirectory(prefix="adaprelora-t3-") if work_dir is None else None
+        self.work = Path(work_dir) if work_dir is not None else Path(self._tmp.name)
         self.instance_prompt, self.class_prompt = DEMO_INSTANCE_PROMPT, CLASS_PROMPT
         t0 = time.perf_counter()
         pipe = StableDiffusionPipeline.from_pretrained(str(self.pipeline_dir), safety_checker=None, requires_safety_checker=False)
         self.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self._generate = generate_images
 
         def sample(unet, text_encoder, prompt, seed):
             return generate_images(unet=unet, text_encoder=text_encoder, vae=pipe.vae, tokenizer=pipe.tokenizer,
@@ -176,7 +177,7 @@ class Personalization:
         self.base_scene_eps = self.scene_set.predict(pipe.unet, pipe.text_encoder, pipe.tokenizer)
         self.base_class_score = float(np.mean([self._score(im) for im in base_class]))
         base_heldout = self.heldout.predict(pipe.unet, pipe.text_encoder, pipe.tokenizer)
-        with torch.no_grad():  # the best any LoRA can reach: what the frozen VAE makes of real views
+        with torch.no_grad():  # what the frozen VAE makes of real views (sampling can score higher)
             decoded = pipe.vae.decode(self.heldout.x0[:: len(ts)] / pipe.vae.config.scaling_factor).sample
         reconstructions = pipe.image_processor.postprocess(decoded, output_type="pil")
         self.reference = {

@@ -86,3 +86,15 @@ def test_prior_preservation_makes_class_images_once_and_trains_with_them(tiny_pi
     cfg = task.train_config(Config("adamw", "adamw"), 1e-3, 0, "cosine", tmp_path / "o")
     assert cfg.with_prior_preservation and cfg.class_prompt == t3.CLASS_PROMPT and cfg.num_class_images == 2
     assert not task.run(Config("adamw", "adamw"), 1e-2, seed=0).diverged
+
+
+def test_a_temporary_work_folder_goes_with_the_task(tiny_pipeline_dir):
+    import gc
+
+    task = Personalization(steps=1, eval_every=1, num_heldout_views=1, num_scenes=1, num_timesteps=1, num_samples=1,
+                           sample_steps=2, pipeline_dir=tiny_pipeline_dir)
+    work = task.work
+    assert work.is_dir()
+    del task
+    gc.collect()
+    assert not work.exists()
