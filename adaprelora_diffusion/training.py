@@ -189,9 +189,10 @@ def train(
     """Train a DreamBooth LoRA as `config` says; see the module docstring.
 
     ``on_step(step, models, optimizer)``, if given, runs on the main process after every optimizer
-    step (and once with step 0 before the first), with the unwrapped ``unet``, ``text_encoder``,
-    ``vae``, ``tokenizer`` and ``noise_scheduler`` in ``models``: the quality benchmark measures
-    held-out metrics through it without a second copy of this loop. It must not change them.
+    step (and with step 0 before the first step of a run that is not resumed), with the unwrapped
+    ``unet``, ``text_encoder``, ``vae``, ``tokenizer`` and ``noise_scheduler`` in ``models``: the
+    quality benchmark measures held-out metrics through it without a second copy of this loop.
+    It must not change them.
     """
     started = time.perf_counter()
     config.validate()
