@@ -1,23 +1,16 @@
 """Smoke run of the AdaPreLoRA ablation benchmark (--quick) and checks of its own pieces."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("adaprelora_ablation", ROOT / "benchmarks" / "adaprelora_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("adaprelora_ablation")
 
 
 def _no_nonstandard_json(token):

@@ -1,28 +1,33 @@
 """End-to-end smoke run of the quality benchmark (--quick) and unit checks of its harness."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from adaprelora_diffusion.optim import make_optimizer
-from adaprelora_diffusion.quality import Config, Instance, run_one, state_bytes, steps_to_reach, sweep
-from adaprelora_diffusion.quality.tasks import (
-    LowRankRegression, PretrainSpec, _make_lm, markov_table, spread_channel_scales,
+from adaprelora_diffusion.quality import (
+    Config,
+    Instance,
+    run_one,
+    state_bytes,
+    steps_to_reach,
+    sweep,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
+from adaprelora_diffusion.quality.tasks import (
+    LowRankRegression,
+    PretrainSpec,
+    _make_lm,
+    markov_table,
+    spread_channel_scales,
+)
+from tests.benchmarks import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("optimizer_quality", ROOT / "benchmarks" / "optimizer_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("optimizer_quality")
 
 
 def _no_nonstandard_json(token):

@@ -1,16 +1,11 @@
 """The sample-check script's scoring: perfect on true drawings, near zero on flat images."""
 
-import importlib.util
-from pathlib import Path
-
 from PIL import Image
 
 from adaprelora_diffusion import scenes
+from tests.benchmarks import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "t3_pretrained_samples.py"
-_spec = importlib.util.spec_from_file_location("t3_pretrained_samples", _PATH)
-t3 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(t3)
+t3 = load_benchmark("t3_pretrained_samples")
 
 
 def test_eval_prompts_cover_every_colour_and_position():

