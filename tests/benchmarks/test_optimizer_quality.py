@@ -257,3 +257,13 @@ def test_markov_tables_zipf_frequencies_and_shift():
     assert 0 < (U != base[0]).any(1).sum() <= round(0.6 * 32) and 0 < (W != base[1]).any(1).sum() <= round(0.6 * 32)
     assert sorted(rank.tolist()) == sorted(base[2].tolist()) and (rank != base[2]).any()  # ranks permuted
     assert (shifted - P).abs().sum(-1).mean() > 0.5  # a large shift in total variation
+
+
+def test_t3_pipeline_flag_picks_the_base_model(tmp_path, tiny_pipeline_dir):
+    bench = load()
+    argv = ["--quick", "--tasks", "T3", "--optimizers", "adamw"]
+    shipped = bench.main(argv + ["--out", str(tmp_path / "a")])["tasks"]["T3"]["reference"]
+    random = bench.main(argv + ["--out", str(tmp_path / "b"), "--t3-pipeline", str(tiny_pipeline_dir)])["tasks"]["T3"]["reference"]
+    torch.set_num_threads(1)
+    # the random-weight pipeline denoises far worse than the pretrained one it replaces
+    assert random["base_heldout_loss"] > 2 * shipped["base_heldout_loss"]
