@@ -49,9 +49,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaprelora_diffusion.quality.report import cpu_name, mean_std, write_report  # noqa: E402
-from adaprelora_diffusion.quality.harness import Config, ConfigResult, mean_curve, run_one, steps_to_reach, sweep  # noqa: E402
-from adaprelora_diffusion.quality.tasks import LowRankRegression  # noqa: E402
+from benchmarks.quality.report import cpu_name, mean_std, write_report  # noqa: E402
+from benchmarks.quality.harness import Config, ConfigResult, mean_curve, run_one, steps_to_reach, sweep  # noqa: E402
+from benchmarks.quality.tasks import LowRankRegression  # noqa: E402
 
 FULL_STEPS = 300
 

@@ -54,10 +54,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaprelora_diffusion.quality.report import cpu_name, mean_std, write_report  # noqa: E402
-from adaprelora_diffusion.quality.harness import SCHEDULES, Config, ConfigResult, mean_curve, run_one, steps_to_reach, sweep  # noqa: E402
-from adaprelora_diffusion.quality.plot import plot_curves  # noqa: E402
-from adaprelora_diffusion.quality.tasks import LanguageAdaptation, LowRankRegression, PretrainSpec  # noqa: E402
+from benchmarks.quality.report import cpu_name, mean_std, write_report  # noqa: E402
+from benchmarks.quality.harness import SCHEDULES, Config, ConfigResult, mean_curve, run_one, steps_to_reach, sweep  # noqa: E402
+from benchmarks.quality.plot import plot_curves  # noqa: E402
+from benchmarks.quality.tasks import LanguageAdaptation, LowRankRegression, PretrainSpec  # noqa: E402
 
 
 def _half_decades(lo_exp: float, hi_exp: float) -> tuple[float, ...]:
@@ -144,7 +144,7 @@ def _t2(quick: bool, log, args):
 
 
 def _t3(quick: bool, log, args, prior_preservation=False):
-    from adaprelora_diffusion.quality.personalization import Personalization
+    from benchmarks.quality.personalization import Personalization
 
     kwargs = dict(pipeline_dir=args.t3_pipeline, prior_preservation=prior_preservation, log=log)
     if quick:
@@ -158,7 +158,7 @@ def _t3_prior(quick: bool, log, args):
 
 
 def _t4(quick: bool, log, args):
-    from adaprelora_diffusion.quality.t4_minilm import MiniLMRoles, MiniLMUnavailable
+    from benchmarks.quality.t4_minilm import MiniLMRoles, MiniLMUnavailable
 
     try:
         if quick:

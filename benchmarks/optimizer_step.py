@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaprelora_diffusion.optim import make_optimizer  # noqa: E402
-from adaprelora_diffusion.reference_configs import sd15_attention_projection_shapes  # noqa: E402
+from benchmarks.reference_configs import sd15_attention_projection_shapes  # noqa: E402
 
 CONFIGS = {
     "adaprelora[exact]": ("adaprelora", {"stats": "exact"}),

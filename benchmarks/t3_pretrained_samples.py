@@ -2,7 +2,7 @@
 
 For a fixed set of single-shape prompts (every colour at every position, on contrasting
 backgrounds) and a few two-shape prompts, it samples with DDIM and fixed seeds, judges each image
-with :func:`adaprelora_diffusion.scenes.judge` (named colour in the named region, not on the
+with :func:`adaprelora_diffusion.demo.scenes.judge` (named colour in the named region, not on the
 opposite side, named background in the corners), and does the same for the random-weight tiny
 pipeline as a baseline. Writes a PNG grid (reference drawing | samples | random baseline) and a
 JSON of the scores.
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adaprelora_diffusion import scenes  # noqa: E402
+from adaprelora_diffusion.demo import scenes  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=4.0)
     args = parser.parse_args(argv)
 
-    from adaprelora_diffusion.pretrained_tiny import ensure_pretrained_tiny_pipeline
-    from adaprelora_diffusion.tiny_pipeline import ensure_tiny_pipeline
+    from adaprelora_diffusion.demo.pretrained_tiny import ensure_pretrained_tiny_pipeline
+    from adaprelora_diffusion.demo.tiny_pipeline import ensure_tiny_pipeline
 
     pipe_dir = args.pipeline or ensure_pretrained_tiny_pipeline()
     specs = eval_specs()

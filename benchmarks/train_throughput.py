@@ -44,8 +44,8 @@ def build_sd15_pipeline(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from adaprelora_diffusion.reference_configs import SD15_UNET_CONFIG
-    from adaprelora_diffusion.tiny_pipeline import write_tokenizer_files
+    from benchmarks.reference_configs import SD15_UNET_CONFIG
+    from adaprelora_diffusion.demo.tiny_pipeline import write_tokenizer_files
 
     if (folder / "model_index.json").is_file():
         return folder
@@ -72,14 +72,14 @@ def worker(args) -> None:
     """One optimizer, one process: run train() and print a JSON line."""
     import torch
 
-    from adaprelora_diffusion.config import TrainConfig
-    from adaprelora_diffusion.training import train
+    from adaprelora_diffusion.dreambooth.config import TrainConfig
+    from adaprelora_diffusion.dreambooth.trainer import train
 
     name, extra = CONFIGS[args.worker]
     if args.model == "sd15":
         model = str(build_sd15_pipeline(Path(args.cache) / "sd15-random"))
     else:  # the random-weight tiny pipeline, named explicitly (the no-model default is the pretrained one)
-        from adaprelora_diffusion.tiny_pipeline import ensure_tiny_pipeline
+        from adaprelora_diffusion.demo.tiny_pipeline import ensure_tiny_pipeline
 
         model = str(ensure_tiny_pipeline())
     stamps: list[float] = []

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from adaprelora_diffusion.tiny_pipeline import ensure_tiny_pipeline  # noqa: E402
+from adaprelora_diffusion.demo.tiny_pipeline import ensure_tiny_pipeline  # noqa: E402
 
 # The tiny models gain nothing from intra-op threads, and with another process on the 2 cores,
 # OpenMP's spin-waiting slowed single tests from ~0.5 s to ~45 s; one thread avoids that.

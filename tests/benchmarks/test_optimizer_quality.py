@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from adaprelora_diffusion.optim import make_optimizer
-from adaprelora_diffusion.quality import (
+from benchmarks.quality import (
     Config,
     Instance,
     run_one,
@@ -16,7 +16,7 @@ from adaprelora_diffusion.quality import (
     steps_to_reach,
     sweep,
 )
-from adaprelora_diffusion.quality.tasks import (
+from benchmarks.quality.tasks import (
     LowRankRegression,
     PretrainSpec,
     _make_lm,
@@ -203,7 +203,7 @@ def test_diverged_run_is_flagged_and_never_best():
 
 
 def test_cosine_schedule_decays_to_zero_and_runs_evaluate_on_schedule():
-    from adaprelora_diffusion.quality.harness import _lr_factor
+    from benchmarks.quality.harness import _lr_factor
 
     cosine = _lr_factor("cosine", 10)
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0, abs=1e-12)

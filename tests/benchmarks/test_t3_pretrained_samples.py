@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from adaprelora_diffusion import scenes
+from adaprelora_diffusion.demo import scenes
 from tests.benchmarks import load_benchmark
 
 t3 = load_benchmark("t3_pretrained_samples")

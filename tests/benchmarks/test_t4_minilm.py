@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from adaprelora_diffusion.quality import t4_minilm
-from adaprelora_diffusion.quality.t4_minilm import (
+from benchmarks.quality import t4_minilm
+from benchmarks.quality.t4_minilm import (
     ANIMALS,
     FORMS,
     PERSONS,

@@ -1,0 +1,243 @@
+"""The DreamBooth LoRA training configuration: one dataclass, the CLI flags derived from it.
+
+Field names are the command-line flags (diffusers' DreamBooth LoRA script's names wherever it
+has the same option), so the script, the web app and the tests share one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..optim import OPTIMIZERS
+
+__all__ = ["TrainConfig", "build_parser", "parse_config", "LORA_TARGET_PRESETS", "SMOKE_DEFAULTS", "DEMO_DEFAULTS",
+           "DEMO_SUBJECT_DIR"]
+
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "demo" / "assets"
+DEMO_SUBJECT_DIR = ASSETS_DIR / "demo_subject"
+DEMO_INSTANCE_PROMPT = "a photo of sks robot toy"
+
+#: named sets of UNet LoRA targets; a comma list of module names also works.
+LORA_TARGET_PRESETS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+    "attention+conv": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
+    "all": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2"),
+}
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+#: what a run on the tiny random-weight pipeline uses: a smoke run of the machinery in seconds.
+SMOKE_DEFAULTS = {
+    "learning_rate": 1e-4,
+    "lora_target_modules": "attention",
+    "resolution": 64,
+    "max_train_steps": 60,
+    "checkpointing_steps": 30,
+    "validation_steps": 30,
+    "num_validation_images": 2,
+    "num_validation_inference_steps": 4,
+    "num_class_images": 4,
+}
+#: what a run on the tiny pretrained pipeline (the default model) uses: half a minute on a CPU, enough for
+#: the LoRA to draw the demo robot's shape and colours (at 1e-4 and attention-only targets 60 steps
+#: change nothing visible; 1000 attention-only steps at 1e-3 collapse into colour noise).
+DEMO_DEFAULTS = {
+    **SMOKE_DEFAULTS,
+    "learning_rate": 1e-3,
+    "lora_target_modules": "all",
+    "max_train_steps": 400,
+    "checkpointing_steps": 200,
+    "validation_steps": 200,
+    "num_validation_images": 4,
+    "num_validation_inference_steps": 20,
+}
+#: the defaults of a real run, for fields whose default depends on the model.
+REAL_DEFAULTS = {
+    "learning_rate": 1e-4,
+    "lora_target_modules": "attention",
+    "resolution": 512,
+    "max_train_steps": 500,
+    "checkpointing_steps": 500,
+    "validation_steps": 100,
+    "num_validation_images": 4,
+    "num_validation_inference_steps": 25,
+    "num_class_images": 100,
+}
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # model
+    pretrained_model_name_or_path: str | None = _help(
+        "diffusers folder, hub id, or single-file .safetensors/.ckpt; omitted: the tiny demo model pretrained on shapes (assets/tiny-sd-scenes)",
+        default=None,
+    )
+    revision: str | None = _help("model revision (hub)", default=None)
+    variant: str | None = _help("weights variant, e.g. fp16", default=None)
+    # data
+    instance_data_dir: str | None = _help("folder of subject images (default with the tiny model: the demo subject)", default=None)
+    instance_prompt: str | None = _help("prompt with the identifier, e.g. 'a photo of sks dog'", default=None)
+    class_data_dir: str | None = _help("class images for prior preservation (generated if too few)", default=None)
+    class_prompt: str | None = _help("prompt of the class, e.g. 'a photo of a dog'", default=None)
+    with_prior_preservation: bool = _help("add the prior-preservation loss", default=False)
+    prior_loss_weight: float = _help("weight of the prior-preservation loss", default=1.0)
+    num_class_images: int | None = _help("class images to use (generated when missing)", default=None)
+    sample_batch_size: int = _help("batch size when generating class images", default=4)
+    resolution: int | None = _help("training resolution, divisible by 8 (default 512; 64 with the tiny model)", default=None)
+    center_crop: bool = _help("center crop instead of random crop", default=False)
+    random_flip: bool = _help("random horizontal flips", default=False)
+    repeats: int = _help("times each instance image is used per epoch", default=1)
+    dataloader_num_workers: int = _help("DataLoader worker processes", default=0)
+    # LoRA
+    rank: int = _help("LoRA rank", default=4)
+    lora_alpha: float | None = _help("LoRA alpha (default: rank)", default=None)
+    lora_dropout: float = _help("LoRA dropout", default=0.0)
+    lora_target_modules: str | None = _help(f"UNet targets: a preset ({', '.join(LORA_TARGET_PRESETS)}) or a comma list "
+                                            "(default attention; all with the tiny pretrained model)", default=None)
+    use_rslora: bool = _help("scale by alpha / sqrt(rank)", default=False)
+    train_text_encoder: bool = _help("also train LoRA on the text encoder", default=False)
+    # optimization
+    optimizer: str = _help(f"one of: {', '.join(OPTIMIZERS)}", default="adaprelora")
+    learning_rate: float | None = _help("learning rate (AdaPreLoRA: on W, as Adam's on a full weight; default 1e-4, "
+                                        "1e-3 with the tiny pretrained model)", default=None)
+    text_encoder_lr: float | None = _help("learning rate of the text encoder LoRA (default: learning_rate)", default=None)
+    scale_lr: bool = _help("multiply lr by accumulation x batch size x processes", default=False)
+    adam_beta1: float = _help("first-moment decay (AdamW, AdaPreLoRA's momentum)", default=0.9)
+    adam_beta2: float = _help("second-moment decay (AdamW; AdaPreLoRA's statistics)", default=0.999)
+    adam_weight_decay: float = _help("decoupled weight decay", default=1e-2)
+    adam_epsilon: float = _help("AdamW epsilon (AdaPreLoRA: of its AdamW group)", default=1e-8)
+    adaprelora_stats: str = _help("AdaPreLoRA statistics: sketch, exact or tangent", default="sketch")
+    adaprelora_damping: float = _help("AdaPreLoRA relative damping", default=0.1)
+    adaprelora_balance: float = _help("AdaPreLoRA balance c in [0, 1]", default=0.5)
+    adaprelora_clip_threshold: float | None = _help("AdaPreLoRA W-step RMS clip (<= 0: off)", default=1.0)
+    adaprelora_momentum: str = _help("AdaPreLoRA momentum placement: gradient or update", default="gradient")
+    loraplus_lr_ratio: float = _help("LoRA+: B's lr / A's lr", default=16.0)
+    scaled_adamw_reg: float = _help("scaled AdamW (Riemannian) damping", default=1e-2)
+    lorapro_damping: float = _help("LoRA-Pro relative damping", default=0.1)
+    lr_scheduler: str = _help("constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial", default="constant")
+    lr_warmup_steps: int = _help("warmup steps", default=0)
+    lr_num_cycles: int = _help("cycles of cosine_with_restarts", default=1)
+    lr_power: float = _help("power of the polynomial scheduler", default=1.0)
+    max_grad_norm: float | None = _help("gradient clipping norm (<= 0: off)", default=1.0)
+    train_batch_size: int = _help("batch size per device", default=1)
+    max_train_steps: int | None = _help("optimizer steps (default 500; 60 with the tiny model)", default=None)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
+    gradient_checkpointing: bool = _help("trade compute for memory", default=False)
+    mixed_precision: str = _help("no, fp16 or bf16 (LoRA weights stay float32)", default="no")
+    snr_gamma: float | None = _help("min-SNR weighting gamma (5.0 is common)", default=None)
+    noise_offset: float = _help("noise offset", default=0.0)
+    cache_latents: bool = _help("encode the images once (fixes their augmentation)", default=False)
+    seed: int = _help("seed: same seed, same run", default=0)
+    max_consecutive_nonfinite: int = _help("stop after this many non-finite losses in a row", default=5)
+    cpu: bool = _help("train on CPU even if a GPU is present (Accelerator(cpu=True))", default=False)
+    # validation and logging
+    validation_prompt: str | None = _help("prompt for sample images (default: the instance prompt)", default=None)
+    num_validation_images: int | None = _help("sample images per validation", default=None)
+    validation_steps: int | None = _help("validate every N steps (0: only at start and end)", default=None)
+    num_validation_inference_steps: int | None = _help("sampler steps for sample images", default=None)
+    report_to: str = _help("tensorboard or none", default="tensorboard")
+    logging_dir: str = _help("log folder, inside output_dir", default="logs")
+    # output and checkpoints
+    output_dir: str = _help("where the LoRA, samples and checkpoints go", default="dreambooth-lora")
+    overwrite_output_dir: bool = _help("allow an output folder that holds another run", default=False)
+    checkpointing_steps: int | None = _help("save a resumable checkpoint every N steps", default=None)
+    checkpoints_total_limit: int | None = _help("keep at most N checkpoints", default=None)
+    resume_from_checkpoint: str | None = _help("'latest' or a checkpoint folder", default=None)
+    output_kohya_format: bool = _help("also write a kohya-format .safetensors", default=False)
+
+    # -- derived -------------------------------------------------------------------------
+    def resolved(self, tiny: bool, pretrained: bool = False) -> TrainConfig:
+        """Fill the model-dependent defaults: 64 px values for the embedded tiny models, the demo
+        ones (``pretrained``) for the pretrained tiny model, which can show what a LoRA learns."""
+        defaults = (DEMO_DEFAULTS if pretrained else SMOKE_DEFAULTS) if tiny else REAL_DEFAULTS
+        changes = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if tiny and self.instance_data_dir is None:
+            changes["instance_data_dir"] = str(DEMO_SUBJECT_DIR)
+            if self.instance_prompt is None:
+                changes["instance_prompt"] = DEMO_INSTANCE_PROMPT
+        return dataclasses.replace(self, **changes)
+
+    def unet_targets(self) -> tuple[str, ...]:
+        if self.lora_target_modules is None:
+            raise ValueError("lora_target_modules is unset: call resolved() first")
+        if self.lora_target_modules in LORA_TARGET_PRESETS:
+            return LORA_TARGET_PRESETS[self.lora_target_modules]
+        return tuple(t.strip() for t in self.lora_target_modules.split(",") if t.strip())
+
+    def validate(self) -> None:
+        """Reject bad settings before anything is loaded, each with the fix."""
+        problems = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}.")
+        need(self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
+             f"--resolution {self.resolution} must be a positive multiple of 8 (the VAE downsamples by 8), e.g. 512.")
+        need(self.rank >= 1, f"--rank must be >= 1, got {self.rank}.")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora_alpha must be > 0, got {self.lora_alpha}.")
+        need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        need(self.lora_target_modules is None or bool(self.unet_targets()), "--lora_target_modules is empty; use a preset such as 'attention'.")
+        need(self.learning_rate is None or (self.learning_rate > 0 and math.isfinite(self.learning_rate)),
+             f"--learning_rate must be > 0, got {self.learning_rate}.")
+        need(self.text_encoder_lr is None or self.text_encoder_lr > 0, f"--text_encoder_lr must be > 0, got {self.text_encoder_lr}.")
+        need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
+        need(self.gradient_accumulation_steps >= 1, f"--gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
+        need(self.max_train_steps is None or self.max_train_steps >= 1, f"--max_train_steps must be >= 1, got {self.max_train_steps}.")
+        need(self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        need(self.report_to in ("tensorboard", "none"), f"--report_to must be tensorboard or none, got {self.report_to!r}.")
+        need(self.adaprelora_stats in ("sketch", "exact", "tangent"), f"--adaprelora_stats must be sketch, exact or tangent, got {self.adaprelora_stats!r}.")
+        need(self.adaprelora_momentum in ("gradient", "update"), f"--adaprelora_momentum must be gradient or update, got {self.adaprelora_momentum!r}.")
+        need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}.")
+        need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+             f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}.")
+        need(self.max_consecutive_nonfinite >= 1, f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}.")
+        need(self.snr_gamma is None or self.snr_gamma > 0, f"--snr_gamma must be > 0, got {self.snr_gamma}.")
+        need(self.prior_loss_weight >= 0, f"--prior_loss_weight must be >= 0, got {self.prior_loss_weight}.")
+        if self.with_prior_preservation:
+            need(bool(self.class_prompt), "--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog').")
+            need(bool(self.class_data_dir), "--with_prior_preservation needs --class_data_dir (a folder; missing images are generated).")
+        else:
+            need(self.class_data_dir is None and self.class_prompt is None,
+                 "--class_data_dir/--class_prompt are only used with --with_prior_preservation: add that flag or drop them.")
+        if problems:
+            raise ValueError("Invalid training settings:\n  - " + "\n  - ".join(problems))
+
+
+def _bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="DreamBooth LoRA for Stable Diffusion, optimized by AdaPreLoRA. With no arguments: a demo run "
+        "on the tiny pretrained model in assets/tiny-sd-scenes and the demo subject.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(TrainConfig):
+        flag = "--" + f.name
+        help_text = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    for name in ("adaprelora_clip_threshold", "max_grad_norm"):
+        if values[name] is not None and values[name] <= 0:
+            values[name] = None
+    return TrainConfig(**values)

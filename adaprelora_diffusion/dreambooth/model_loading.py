@@ -1,0 +1,236 @@
+"""Load the pieces of a Stable Diffusion 1.x/2.x model that DreamBooth LoRA training needs.
+
+One entry point covers the ways users name a base model: a local diffusers folder, a Hub id, a
+single ``.safetensors``/``.ckpt`` checkpoint (as shared on model sites), or nothing at all, which
+means the tiny pipeline pretrained on procedural shapes (shipped in ``assets/``) for offline
+demos. The two embedded tiny pipelines (that one and the random-weight one for smoke tests) are
+of kind "tiny" also when named by folder, so they get 64 px defaults. Wrong paths fail early with
+a message that names the path and what was expected, instead of a deep library traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+#: Sub-folders of a diffusers SD pipeline and the file that marks each one as present.
+REQUIRED_COMPONENTS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": None,  # tokenizer.json, or vocab.json + merges.txt (checked separately)
+    "scheduler": "scheduler_config.json",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PIPELINE_LAYOUT = "model_index.json plus unet/, vae/, text_encoder/, tokenizer/ and scheduler/ sub-folders"
+
+
+@dataclass
+class SDComponents:
+    """What the trainer needs from a base model (the noise scheduler is always DDPM)."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    source: str  # the folder, Hub id or checkpoint file that was loaded
+    kind: str  # "tiny", "folder", "hub" or "single_file"
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.kind == "tiny"
+
+
+def is_tiny_pipeline_folder(path: str | os.PathLike) -> bool:
+    """True for a folder of one of the embedded 64 px pipelines (pretrained or random-weight)."""
+    from ..demo.pretrained_tiny import is_complete_pretrained_pipeline
+    from ..demo.tiny_pipeline import is_complete_tiny_pipeline
+
+    return is_complete_pretrained_pipeline(path) or is_complete_tiny_pipeline(path)
+
+
+def tiny_model_notice(source: str) -> str:
+    """What a run on an embedded tiny pipeline is good for (logged once per run)."""
+    from ..demo.tiny_pipeline import is_complete_tiny_pipeline
+
+    if is_complete_tiny_pipeline(source):
+        return (f"Using the tiny random-weight Stable Diffusion pipeline at {source}: it is for smoke runs and tests "
+                f"only (its images are noise); pass a real SD 1.x/2.x model to train for real.")
+    return (f"Using the tiny Stable Diffusion pipeline pretrained on procedural shapes at {source} (64 px, a few MB): "
+            f"it draws coloured shapes, enough to watch a LoRA learn a subject on a CPU, not real images; "
+            f"pass --pretrained_model_name_or_path with a real SD 1.x/2.x model to train for real.")
+
+
+def check_pipeline_folder(path: str | os.PathLike) -> Path:
+    """Raise a ValueError naming what is missing unless ``path`` is a diffusers SD 1.x/2.x folder."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        hint = ""
+        if (path / "config.json").is_file():
+            hint = " It holds a single model's config.json: pass the pipeline's root folder (the parent of unet/, vae/, ...)."
+        elif any(path.glob("*.safetensors")) or any(path.glob("*.ckpt")):
+            hint = " It holds .safetensors/.ckpt files: to load a single-file checkpoint, pass that file's path."
+        raise ValueError(f"{path} is not a diffusers pipeline folder: it has no model_index.json (expected {_PIPELINE_LAYOUT}).{hint}")
+    try:
+        model_index = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{index} is not valid JSON ({exc}): re-save the pipeline with save_pretrained.") from exc
+    if "text_encoder_2" in model_index or "transformer" in model_index:
+        raise ValueError(
+            f"{path} is a {model_index.get('_class_name', 'non-SD-1.x/2.x')} pipeline; this trainer supports "
+            f"Stable Diffusion 1.x/2.x (one CLIP text encoder and a UNet)."
+        )
+    missing = []
+    for sub, marker in REQUIRED_COMPONENTS.items():
+        folder = path / sub
+        if sub == "tokenizer":
+            if not (folder / "tokenizer.json").is_file() and not (
+                (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+            ):
+                missing.append("tokenizer/tokenizer.json (or tokenizer/vocab.json + merges.txt)")
+        elif not (folder / marker).is_file():
+            missing.append(f"{sub}/{marker}")
+    if missing:
+        raise ValueError(f"{path} is an incomplete diffusers pipeline folder: missing {', '.join(missing)} (expected {_PIPELINE_LAYOUT}).")
+    te_config = json.loads((path / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    archs = te_config.get("architectures") or []
+    if archs and archs[0] != "CLIPTextModel":
+        raise ValueError(f"{path}: text encoder is {archs[0]}, but SD 1.x/2.x LoRA training here expects a CLIPTextModel.")
+    return path
+
+
+def resolve_model_source(pretrained_model_name_or_path: str | os.PathLike | None) -> tuple[str, str]:
+    """Classify the user's model argument as ("tiny" | "folder" | "hub" | "single_file", location)."""
+    if pretrained_model_name_or_path is None:
+        from ..demo.pretrained_tiny import default_pretrained_pipeline
+
+        return "tiny", str(default_pretrained_pipeline())
+    raw = str(pretrained_model_name_or_path)
+    if not raw.strip():
+        raise ValueError("Empty model path: pass a diffusers folder, a Hub id, a .safetensors/.ckpt file, or None for the tiny pretrained demo model.")
+    if raw.startswith(("http://", "https://")):
+        if not raw.lower().endswith(SINGLE_FILE_SUFFIXES):
+            raise ValueError(f"URL {raw} does not point at a .safetensors/.ckpt checkpoint: pass a Hub id (owner/name) for diffusers repos.")
+        return "single_file", raw
+    path = Path(raw).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ValueError(
+                f"{path} is a file but not a .safetensors or .ckpt checkpoint: pass a single-file SD checkpoint or a diffusers pipeline folder."
+            )
+        return "single_file", str(path)
+    if path.is_dir():
+        folder = str(check_pipeline_folder(path))
+        return ("tiny" if is_tiny_pipeline_folder(path) else "folder"), folder
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        raise ValueError(f"Checkpoint file {path} does not exist (looked for {path.absolute()}): check the path.")
+    if _HUB_ID.match(raw) and not raw.startswith((".", "~")):
+        return "hub", raw
+    raise ValueError(
+        f"Model path {raw} does not exist (looked for {path.absolute()}) and is not a Hub id of the form owner/name: "
+        f"pass a diffusers pipeline folder ({_PIPELINE_LAYOUT}), a .safetensors/.ckpt file, or a Hub id."
+    )
+
+
+def check_tokenizer(tokenizer, text_encoder, source: str):
+    """Catch a tokenizer that cannot drive this text encoder; cap an unset ``model_max_length``.
+
+    transformers 5 does not fail when tokenizer files are missing: ``CLIPTokenizer.from_pretrained``
+    then returns a default 2-token tokenizer, and training would silently see every prompt as
+    unknown tokens. A tokenizer without tokenizer_config.json also reports a ~1e30 max length,
+    which would make ``padding="max_length"`` explode.
+    """
+    te_vocab = text_encoder.config.vocab_size
+    if len(tokenizer) <= 3:
+        raise ValueError(
+            f"The tokenizer of {source} has only {len(tokenizer)} tokens: its tokenizer files are missing "
+            f"(expected tokenizer/tokenizer.json or tokenizer/vocab.json + merges.txt)."
+        )
+    if len(tokenizer) > te_vocab:
+        raise ValueError(
+            f"The tokenizer of {source} has {len(tokenizer)} tokens but the text encoder only {te_vocab} embeddings: "
+            f"they come from different models."
+        )
+    max_positions = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > max_positions:
+        tokenizer.model_max_length = max_positions
+    return tokenizer
+
+
+def _load(component: str, source: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError) as exc:
+        # Plain OSError/ValueError: some library exception types cannot be rebuilt from a message.
+        raise (ValueError if isinstance(exc, ValueError) else OSError)(f"Could not load the {component} of {source}: {exc}") from exc
+
+
+def load_pipeline_components(
+    pretrained_model_name_or_path: str | os.PathLike | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    single_file_config: str | os.PathLike | None = None,
+) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training.
+
+    ``pretrained_model_name_or_path`` may be a diffusers folder or Hub id (loaded per sub-folder with
+    ``from_pretrained``), a ``.safetensors``/``.ckpt`` file or URL (``StableDiffusionPipeline.from_single_file``;
+    ``single_file_config`` names a local diffusers folder with matching configs so that this works
+    offline), or ``None`` for the tiny pretrained pipeline. The noise scheduler is a
+    ``DDPMScheduler`` built from the model's own scheduler config, so the beta schedule and
+    ``prediction_type`` (epsilon / v_prediction) follow the model.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kind, source = resolve_model_source(pretrained_model_name_or_path)
+    if kind == "tiny":
+        logger.warning("%s", tiny_model_notice(source))
+
+    if kind == "single_file":
+        kwargs: dict[str, Any] = {}
+        if single_file_config is not None:
+            kwargs["config"] = str(single_file_config)
+        if revision is not None:
+            kwargs["revision"] = revision
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(source, **kwargs)
+        except Exception as exc:  # diffusers raises many types here (hub, conversion, safetensors errors)
+            offline = "" if single_file_config else (
+                " Loading a single file needs the matching diffusers configs: without network access pass "
+                "single_file_config=<local diffusers SD folder of the same architecture>."
+            )
+            raise ValueError(f"Could not load the single-file checkpoint {source}: {type(exc).__name__}: {exc}.{offline}") from exc
+        return SDComponents(
+            tokenizer=check_tokenizer(pipe.tokenizer, pipe.text_encoder, source),
+            text_encoder=pipe.text_encoder,
+            vae=pipe.vae,
+            unet=pipe.unet,
+            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+            source=source,
+            kind=kind,
+        )
+
+    common = {"revision": revision}
+    weights = {"revision": revision, "variant": variant}
+    tokenizer = _load("tokenizer", source, CLIPTokenizer.from_pretrained, source, subfolder="tokenizer", **common)
+    text_encoder = _load("text_encoder", source, CLIPTextModel.from_pretrained, source, subfolder="text_encoder", **weights)
+    return SDComponents(
+        tokenizer=check_tokenizer(tokenizer, text_encoder, source),
+        text_encoder=text_encoder,
+        vae=_load("vae", source, AutoencoderKL.from_pretrained, source, subfolder="vae", **weights),
+        unet=_load("unet", source, UNet2DConditionModel.from_pretrained, source, subfolder="unet", **weights),
+        noise_scheduler=_load("scheduler", source, DDPMScheduler.from_pretrained, source, subfolder="scheduler", **common),
+        source=source,
+        kind=kind,
+    )

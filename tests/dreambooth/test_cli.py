@@ -1,0 +1,59 @@
+"""train_dreambooth.py as a user runs it: flags, errors, Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+from adaprelora_diffusion.dreambooth.config import TrainConfig, build_parser, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_config_field_is_a_flag_with_diffusers_names():
+    flags = {a.dest for a in build_parser()._actions}
+    assert {f for f in TrainConfig.__dataclass_fields__} <= flags
+    for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "rank", "learning_rate",
+                 "max_train_steps", "checkpointing_steps", "resume_from_checkpoint", "mixed_precision", "output_dir",
+                 "resolution", "train_batch_size", "seed", "lr_scheduler", "with_prior_preservation", "class_prompt"):
+        assert name in flags
+
+
+def test_flags_parse_into_the_config():
+    cfg = parse_config(["--rank", "8", "--train_text_encoder", "--adaprelora_clip_threshold", "0", "--max_grad_norm", "-1",
+                        "--learning_rate", "3e-4"])
+    assert cfg.rank == 8 and cfg.train_text_encoder and cfg.learning_rate == 3e-4
+    assert cfg.adaprelora_clip_threshold is None and cfg.max_grad_norm is None
+
+
+def env_for(tiny_pipeline_dir):
+    return {**os.environ, "ADAPRELORA_CACHE": str(tiny_pipeline_dir.parent), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_bad_flags_exit_with_a_message(tmp_path, tiny_pipeline_dir):
+    done = subprocess.run([sys.executable, "train_dreambooth.py", "--resolution", "100", "--output_dir", str(tmp_path)],
+                          cwd=ROOT, env=env_for(tiny_pipeline_dir), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "multiple of 8" in done.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, tiny_pipeline_dir):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "train_dreambooth.py", "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
+                             "--output_dir", str(out), "--report_to", "none",
+                             "--num_validation_images", "0", "--max_train_steps", "100000", "--checkpointing_steps", "100000"],
+                            cwd=ROOT, env=env_for(tiny_pipeline_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "training_config.json").exists():
+        time.sleep(0.5)
+    time.sleep(3)  # let a few steps run
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "training_state.json").is_file()  # the stop's own checkpoint
+    assert int(checkpoints[0].name.split("-")[1]) >= 1
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert "stopped early" in stdout
