@@ -16,10 +16,7 @@ import inspect
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.atomic import staged_dir
 from . import scenes
+from .descriptor import ensure_descriptor, write_descriptor
 from .tiny_pipeline import SD1_SCHEDULER_CONFIG, build_tiny_models, default_cache_dir, write_tokenizer_files
 
 logger = logging.getLogger(__name__)
@@ -295,9 +294,7 @@ def pretrain_tiny_pipeline(
                                           train_text_encoder=train_text_encoder, caption_dropout=caption_dropout,
                                           resolution=resolution))
     started = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target, accept_existing=is_complete_pretrained_pipeline) as staging:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # dropout-free models, but keep any library RNG use seeded
             tokenizer, text_encoder, vae, unet = _build_models(seed, staging / "tokenizer")
@@ -324,11 +321,8 @@ def pretrain_tiny_pipeline(
         report.weight_bytes = sum(f.stat().st_size for f in staging.rglob("*.safetensors"))
         report.total_seconds = time.perf_counter() - started
         (staging / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2), encoding="utf-8")
+        write_descriptor(staging, "tiny_pretrained")
         (staging / MARKER).write_text(json.dumps({"version": PRETRAINED_VERSION, "seed": seed}), encoding="utf-8")
-        _replace_dir(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     logger.info("Pretrained tiny pipeline saved to %s in %.0f s", target, report.total_seconds)
     return report
 
@@ -336,22 +330,6 @@ def pretrain_tiny_pipeline(
 # Taken once, here: tests monkeypatch pretrain_tiny_pipeline, which must not change the recipe.
 _RECIPE_DEFAULTS = {name: p.default for name, p in inspect.signature(pretrain_tiny_pipeline).parameters.items()
                     if p.default is not inspect.Parameter.empty and name not in _NOT_RECIPE}
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    if target.exists():
-        stale = target.parent / f".{target.name}.stale-{uuid.uuid4().hex}"
-        try:
-            os.replace(target, stale)
-        except FileNotFoundError:
-            stale = None  # a concurrent builder moved it already
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not is_complete_pretrained_pipeline(target):  # a concurrent builder won the race
-            raise
 
 
 #: What a finished pipeline folder holds besides the marker (weights are checked per model).
@@ -398,6 +376,7 @@ def ensure_pretrained_tiny_pipeline(cache_dir: str | os.PathLike | None = None, 
     target = root / (PRETRAINED_SUBDIR if seed == 0 else f"{PRETRAINED_SUBDIR}-seed{seed}")
     if not is_complete_pretrained_pipeline(target):
         pretrain_tiny_pipeline(target, seed=seed, overwrite=True, **kwargs)
+    ensure_descriptor(target, "tiny_pretrained")
     return target
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
+
+from ..engine.atomic import staged_dir
+from .descriptor import ensure_descriptor, write_descriptor
 
 logger = logging.getLogger(__name__)
 
@@ -214,33 +215,13 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int =
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / (TINY_SUBDIR if seed == DEFAULT_SEED else f"{TINY_SUBDIR}-seed{seed}")
     if is_complete_tiny_pipeline(target):
+        ensure_descriptor(target, "tiny")
         return target
 
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
+    with staged_dir(target, accept_existing=is_complete_tiny_pipeline) as staging:
         pipe = build_tiny_pipeline(seed=seed, tokenizer_dir=staging / "tokenizer")
         pipe.save_pretrained(staging)
-        (staging / _MARKER).write_text(
-            json.dumps({"version": TINY_PIPELINE_VERSION, "seed": seed}), encoding="utf-8"
-        )
-        if target.exists():
-            # Stale or incomplete: move it aside first (os.replace cannot overwrite a non-empty dir).
-            stale = root / f".{target.name}.stale-{uuid.uuid4().hex}"
-            try:
-                os.replace(target, stale)
-            except FileNotFoundError:
-                stale = None  # another process moved it already
-            if stale is not None:
-                shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            # A concurrent builder won the race; use its (identical) result.
-            if not is_complete_tiny_pipeline(target):
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        write_descriptor(staging, "tiny")
+        (staging / _MARKER).write_text(json.dumps({"version": TINY_PIPELINE_VERSION, "seed": seed}), encoding="utf-8")
     logger.info("Saved the tiny random-weight Stable Diffusion pipeline to %s", target)
     return target

@@ -9,17 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from typing import Any
 
-from ..optim import OPTIMIZERS
+from ..optim import DEFAULT_STATS, MOMENTUM_CHOICES, OPTIMIZERS, STATS_CHOICES
 
-__all__ = ["TrainConfig", "build_parser", "parse_config", "LORA_TARGET_PRESETS", "SMOKE_DEFAULTS", "DEMO_DEFAULTS",
-           "DEMO_SUBJECT_DIR"]
-
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "demo" / "assets"
-DEMO_SUBJECT_DIR = ASSETS_DIR / "demo_subject"
-DEMO_INSTANCE_PROMPT = "a photo of sks robot toy"
+__all__ = ["TrainConfig", "build_parser", "parse_config", "LORA_TARGET_PRESETS", "REAL_DEFAULTS"]
 
 #: named sets of UNet LoRA targets; a comma list of module names also works.
 LORA_TARGET_PRESETS = {
@@ -30,32 +26,8 @@ LORA_TARGET_PRESETS = {
 }
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-#: what a run on the tiny random-weight pipeline uses: a smoke run of the machinery in seconds.
-SMOKE_DEFAULTS = {
-    "learning_rate": 1e-4,
-    "lora_target_modules": "attention",
-    "resolution": 64,
-    "max_train_steps": 60,
-    "checkpointing_steps": 30,
-    "validation_steps": 30,
-    "num_validation_images": 2,
-    "num_validation_inference_steps": 4,
-    "num_class_images": 4,
-}
-#: what a run on the tiny pretrained pipeline (the default model) uses: half a minute on a CPU, enough for
-#: the LoRA to draw the demo robot's shape and colours (at 1e-4 and attention-only targets 60 steps
-#: change nothing visible; 1000 attention-only steps at 1e-3 collapse into colour noise).
-DEMO_DEFAULTS = {
-    **SMOKE_DEFAULTS,
-    "learning_rate": 1e-3,
-    "lora_target_modules": "all",
-    "max_train_steps": 400,
-    "checkpointing_steps": 200,
-    "validation_steps": 200,
-    "num_validation_images": 4,
-    "num_validation_inference_steps": 20,
-}
-#: the defaults of a real run, for fields whose default depends on the model.
+#: the defaults of a real run, for fields whose default depends on the model (a model folder's
+#: adaprelora_model.json can recommend others: see model_loading.model_descriptor).
 REAL_DEFAULTS = {
     "learning_rate": 1e-4,
     "lora_target_modules": "attention",
@@ -77,7 +49,7 @@ def _help(text: str, **kw):
 class TrainConfig:
     # model
     pretrained_model_name_or_path: str | None = _help(
-        "diffusers folder, hub id, or single-file .safetensors/.ckpt; omitted: the tiny demo model pretrained on shapes (assets/tiny-sd-scenes)",
+        "diffusers folder, hub id, or single-file .safetensors/.ckpt; omitted: the tiny demo model pretrained on shapes, shipped in the package",
         default=None,
     )
     revision: str | None = _help("model revision (hub)", default=None)
@@ -114,11 +86,11 @@ class TrainConfig:
     adam_beta2: float = _help("second-moment decay (AdamW; AdaPreLoRA's statistics)", default=0.999)
     adam_weight_decay: float = _help("decoupled weight decay", default=1e-2)
     adam_epsilon: float = _help("AdamW epsilon (AdaPreLoRA: of its AdamW group)", default=1e-8)
-    adaprelora_stats: str = _help("AdaPreLoRA statistics: sketch, exact or tangent", default="sketch")
+    adaprelora_stats: str = _help(f"AdaPreLoRA statistics: {', '.join(STATS_CHOICES)}", default=DEFAULT_STATS)
     adaprelora_damping: float = _help("AdaPreLoRA relative damping", default=0.1)
     adaprelora_balance: float = _help("AdaPreLoRA balance c in [0, 1]", default=0.5)
     adaprelora_clip_threshold: float | None = _help("AdaPreLoRA W-step RMS clip (<= 0: off)", default=1.0)
-    adaprelora_momentum: str = _help("AdaPreLoRA momentum placement: gradient or update", default="gradient")
+    adaprelora_momentum: str = _help(f"AdaPreLoRA momentum placement: {', '.join(MOMENTUM_CHOICES)}", default=MOMENTUM_CHOICES[0])
     loraplus_lr_ratio: float = _help("LoRA+: B's lr / A's lr", default=16.0)
     scaled_adamw_reg: float = _help("scaled AdamW (Riemannian) damping", default=1e-2)
     lorapro_damping: float = _help("LoRA-Pro relative damping", default=0.1)
@@ -154,16 +126,26 @@ class TrainConfig:
     output_kohya_format: bool = _help("also write a kohya-format .safetensors", default=False)
 
     # -- derived -------------------------------------------------------------------------
-    def resolved(self, tiny: bool, pretrained: bool = False) -> TrainConfig:
-        """Fill the model-dependent defaults: 64 px values for the embedded tiny models, the demo
-        ones (``pretrained``) for the pretrained tiny model, which can show what a LoRA learns."""
-        defaults = (DEMO_DEFAULTS if pretrained else SMOKE_DEFAULTS) if tiny else REAL_DEFAULTS
-        changes = {k: v for k, v in defaults.items() if getattr(self, k) is None}
-        if tiny and self.instance_data_dir is None:
-            changes["instance_data_dir"] = str(DEMO_SUBJECT_DIR)
-            if self.instance_prompt is None:
-                changes["instance_prompt"] = DEMO_INSTANCE_PROMPT
-        return dataclasses.replace(self, **changes)
+    def resolved(self, model_defaults: Mapping[str, Any] | None = None) -> TrainConfig:
+        """Fill the model-dependent defaults that are still unset: the model's recommended ones
+        (``model_loading.model_defaults``), else those of a real run. A model's default subject
+        (``instance_data_dir`` with its ``instance_prompt``) is used only when no folder was given."""
+        recommended = dict(model_defaults or {})
+        unknown = set(recommended) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"The model recommends unknown training settings {sorted(unknown)}: its adaprelora_model.json "
+                             "was written for another version of this trainer.")
+        if self.instance_data_dir is not None:
+            recommended.pop("instance_data_dir", None)
+            recommended.pop("instance_prompt", None)
+        defaults = {**REAL_DEFAULTS, **recommended}
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def optimizer_settings(self) -> dict[str, Any]:
+        """The settings `optim.optimizer_kwargs` maps to each optimizer's arguments."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self)}
+        settings.update(betas=(self.adam_beta1, self.adam_beta2), weight_decay=self.adam_weight_decay)
+        return settings
 
     def unet_targets(self) -> tuple[str, ...]:
         if self.lora_target_modules is None:
@@ -195,8 +177,9 @@ class TrainConfig:
         need(self.max_train_steps is None or self.max_train_steps >= 1, f"--max_train_steps must be >= 1, got {self.max_train_steps}.")
         need(self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
         need(self.report_to in ("tensorboard", "none"), f"--report_to must be tensorboard or none, got {self.report_to!r}.")
-        need(self.adaprelora_stats in ("sketch", "exact", "tangent"), f"--adaprelora_stats must be sketch, exact or tangent, got {self.adaprelora_stats!r}.")
-        need(self.adaprelora_momentum in ("gradient", "update"), f"--adaprelora_momentum must be gradient or update, got {self.adaprelora_momentum!r}.")
+        need(self.adaprelora_stats in STATS_CHOICES, f"--adaprelora_stats must be one of {', '.join(STATS_CHOICES)}, got {self.adaprelora_stats!r}.")
+        need(self.adaprelora_momentum in MOMENTUM_CHOICES,
+             f"--adaprelora_momentum must be one of {', '.join(MOMENTUM_CHOICES)}, got {self.adaprelora_momentum!r}.")
         need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}.")
         need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
              f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}.")
@@ -220,7 +203,7 @@ def _bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="DreamBooth LoRA for Stable Diffusion, optimized by AdaPreLoRA. With no arguments: a demo run "
-        "on the tiny pretrained model in assets/tiny-sd-scenes and the demo subject.",
+        "on the tiny pretrained demo model (shipped in the package) and the demo subject.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(TrainConfig):

@@ -8,8 +8,8 @@ Two file layouts are written, both readable by ``pipe.load_lora_weights``:
 * kohya layout (``lora_unet_*`` / ``lora_te_*`` with ``lora_down`` / ``lora_up`` / ``alpha`` and
   ``ss_*`` metadata), the format AUTOMATIC1111, ComfyUI and kohya's own tools read.
 
-Every write goes to a temporary file in the destination folder and is moved into place with
-``os.replace``, so an interrupted save never leaves a truncated weights file behind.
+Every write is atomic (``engine.atomic``), so an interrupted save never leaves a truncated weights
+file behind.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from ..engine.atomic import atomic_write
 
 #: diffusers' default LoRA file name (``LORA_WEIGHT_NAME_SAFE``); ``load_lora_weights(dir)`` finds it.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -77,25 +78,6 @@ def _metadata_without_local_paths(config) -> dict:
     # The LoraConfig records the local folder the base model was loaded from; do not publish it.
     meta["base_model_name_or_path"] = None
     return meta
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_path)`` for a temp file beside ``target``, then move it over ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -170,7 +152,7 @@ def save_lora_weights(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    return _atomic_write(target, write)
+    return atomic_write(target, write)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +287,7 @@ def save_kohya_lora(
     if metadata:
         meta.update(metadata)
 
-    return _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .lora_files import LORA_WEIGHT_NAME, _atomic_write
-from .model_loading import _HUB_ID, SINGLE_FILE_SUFFIXES
-from ..demo.pretrained_tiny import is_complete_pretrained_pipeline
-from ..demo.tiny_pipeline import is_complete_tiny_pipeline
+from ..engine.atomic import atomic_write_text
+from .lora_files import LORA_WEIGHT_NAME
+from .model_loading import _HUB_ID, SINGLE_FILE_SUFFIXES, default_model, model_descriptor
 
 CARD_NAME = "README.md"
 LICENSE = "creativeml-openrail-m"
@@ -43,15 +42,12 @@ DEMO_NOTICE = (
 
 def base_model_kind(base_model: str | os.PathLike | None) -> str:
     """``"tiny_pretrained"`` (the default model, also for ``None``), ``"tiny"`` (random weights),
-    ``"hub"``, ``"single_file"`` or ``"folder"``: decides the metadata and the loading snippet."""
-    if base_model is None:
-        return "tiny_pretrained"
-    raw = str(base_model)
+    ``"hub"``, ``"single_file"`` or ``"folder"``: decides the metadata and the loading snippet.
+    The demo's tiny pipelines say which they are in their descriptor (``adaprelora_model.json``)."""
+    raw = str(base_model) if base_model is not None else default_model()
     path = Path(raw).expanduser()
-    if path.is_dir() and is_complete_pretrained_pipeline(path):
-        return "tiny_pretrained"
-    if path.is_dir() and is_complete_tiny_pipeline(path):
-        return "tiny"
+    if path.is_dir() and model_descriptor(path).get("kind") in ("tiny", "tiny_pretrained"):
+        return model_descriptor(path)["kind"]
     if raw.lower().endswith(SINGLE_FILE_SUFFIXES):
         return "single_file"
     if not path.exists() and _HUB_ID.match(raw) and not raw.startswith((".", "~")):
@@ -243,4 +239,4 @@ def write_model_card(output_dir: str | os.PathLike, **card: Any) -> Path:
     """
     text = str(build_model_card(output_dir, **card))
     target = Path(output_dir) / CARD_NAME
-    return _atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write_text(target, text)

@@ -2,9 +2,9 @@
 
 One entry point covers the ways users name a base model: a local diffusers folder, a Hub id, a
 single ``.safetensors``/``.ckpt`` checkpoint (as shared on model sites), or nothing at all, which
-means the tiny pipeline pretrained on procedural shapes (shipped in ``assets/``) for offline
-demos. The two embedded tiny pipelines (that one and the random-weight one for smoke tests) are
-of kind "tiny" also when named by folder, so they get 64 px defaults. Wrong paths fail early with
+means the demo's tiny pipeline pretrained on procedural shapes, for offline demos. A folder may
+carry ``adaprelora_model.json`` with the training defaults its maker recommends (the embedded
+tiny pipelines ask for 64 px and the demo subject this way). Wrong paths fail early with
 a message that names the path and what was expected, instead of a deep library traceback.
 """
 
@@ -30,6 +30,8 @@ REQUIRED_COMPONENTS = {
     "scheduler": "scheduler_config.json",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: A pipeline folder may carry this file (see model_descriptor); the embedded demo models do.
+MODEL_DESCRIPTOR = "adaprelora_model.json"
 _PIPELINE_LAYOUT = "model_index.json plus unet/, vae/, text_encoder/, tokenizer/ and scheduler/ sub-folders"
 
 
@@ -43,31 +45,42 @@ class SDComponents:
     unet: Any
     noise_scheduler: Any
     source: str  # the folder, Hub id or checkpoint file that was loaded
-    kind: str  # "tiny", "folder", "hub" or "single_file"
-
-    @property
-    def is_tiny(self) -> bool:
-        return self.kind == "tiny"
+    kind: str  # "folder", "hub" or "single_file"
+    base_model_version: str | None = None  # kohya's ss_base_model_version, when the descriptor says
 
 
-def is_tiny_pipeline_folder(path: str | os.PathLike) -> bool:
-    """True for a folder of one of the embedded 64 px pipelines (pretrained or random-weight)."""
-    from ..demo.pretrained_tiny import is_complete_pretrained_pipeline
-    from ..demo.tiny_pipeline import is_complete_tiny_pipeline
+def default_model() -> str:
+    """The model trained when none is given: the demo's tiny pretrained pipeline (64 px, shipped).
 
-    return is_complete_pretrained_pipeline(path) or is_complete_tiny_pipeline(path)
+    The one place product code reaches into the demo package.
+    """
+    from ..demo.pretrained_tiny import default_pretrained_pipeline
+
+    return str(default_pretrained_pipeline())
 
 
-def tiny_model_notice(source: str) -> str:
-    """What a run on an embedded tiny pipeline is good for (logged once per run)."""
-    from ..demo.tiny_pipeline import is_complete_tiny_pipeline
+def model_descriptor(source: str | os.PathLike) -> dict[str, Any]:
+    """The folder's ``adaprelora_model.json`` (empty for other models): what the model is for
+    (``kind``, ``description``, ``notice``) and the training defaults its maker recommends
+    (``training_defaults``: TrainConfig fields; a relative ``instance_data_dir`` is relative to the folder)."""
+    path = Path(source) / MODEL_DESCRIPTOR
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): fix or delete it.") from exc
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(info).__name__}.")
+    return info
 
-    if is_complete_tiny_pipeline(source):
-        return (f"Using the tiny random-weight Stable Diffusion pipeline at {source}: it is for smoke runs and tests "
-                f"only (its images are noise); pass a real SD 1.x/2.x model to train for real.")
-    return (f"Using the tiny Stable Diffusion pipeline pretrained on procedural shapes at {source} (64 px, a few MB): "
-            f"it draws coloured shapes, enough to watch a LoRA learn a subject on a CPU, not real images; "
-            f"pass --pretrained_model_name_or_path with a real SD 1.x/2.x model to train for real.")
+
+def model_defaults(source: str | os.PathLike) -> dict[str, Any]:
+    """The training defaults ``source``'s descriptor recommends, paths made absolute."""
+    defaults = dict(model_descriptor(source).get("training_defaults") or {})
+    if defaults.get("instance_data_dir"):
+        defaults["instance_data_dir"] = str((Path(source) / defaults["instance_data_dir"]).resolve())
+    return defaults
 
 
 def check_pipeline_folder(path: str | os.PathLike) -> Path:
@@ -110,11 +123,9 @@ def check_pipeline_folder(path: str | os.PathLike) -> Path:
 
 
 def resolve_model_source(pretrained_model_name_or_path: str | os.PathLike | None) -> tuple[str, str]:
-    """Classify the user's model argument as ("tiny" | "folder" | "hub" | "single_file", location)."""
+    """Classify the user's model argument as ("folder" | "hub" | "single_file", location); None is the default model."""
     if pretrained_model_name_or_path is None:
-        from ..demo.pretrained_tiny import default_pretrained_pipeline
-
-        return "tiny", str(default_pretrained_pipeline())
+        return "folder", default_model()
     raw = str(pretrained_model_name_or_path)
     if not raw.strip():
         raise ValueError("Empty model path: pass a diffusers folder, a Hub id, a .safetensors/.ckpt file, or None for the tiny pretrained demo model.")
@@ -131,7 +142,7 @@ def resolve_model_source(pretrained_model_name_or_path: str | os.PathLike | None
         return "single_file", str(path)
     if path.is_dir():
         folder = str(check_pipeline_folder(path))
-        return ("tiny" if is_tiny_pipeline_folder(path) else "folder"), folder
+        return "folder", folder
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         raise ValueError(f"Checkpoint file {path} does not exist (looked for {path.absolute()}): check the path.")
     if _HUB_ID.match(raw) and not raw.startswith((".", "~")):
@@ -194,8 +205,9 @@ def load_pipeline_components(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kind, source = resolve_model_source(pretrained_model_name_or_path)
-    if kind == "tiny":
-        logger.warning("%s", tiny_model_notice(source))
+    about = model_descriptor(source) if kind == "folder" else {}
+    if about.get("notice"):
+        logger.warning("%s", about["notice"])
 
     if kind == "single_file":
         kwargs: dict[str, Any] = {}
@@ -233,4 +245,5 @@ def load_pipeline_components(
         noise_scheduler=_load("scheduler", source, DDPMScheduler.from_pretrained, source, subfolder="scheduler", **common),
         source=source,
         kind=kind,
+        base_model_version=about.get("base_model_version"),
     )

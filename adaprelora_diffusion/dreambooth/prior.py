@@ -24,7 +24,7 @@ import torch
 from PIL import UnidentifiedImageError
 
 from .data import CAPTION_EXTENSION, _probe, check_resolution
-from .lora_files import _atomic_write
+from ..engine.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def ensure_class_images(
         images = _generate_batch(pipe, class_prompt.strip(), batch, seed, resolution, num_inference_steps)
         for index, image in zip(batch, images, strict=True):
             path = folder / class_image_name(index)
-            created.append(_atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG")))
+            created.append(atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG")))
             if progress is not None:
                 progress(len(created), missing)
     return sorted(existing + created)[:num_class_images]

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .data import check_resolution
-from .lora_files import _atomic_write
+from ..engine.atomic import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ def save_validation_images(
     folder = validation_dir(output_dir, step)
     paths = []
     for i, image in enumerate(images):
-        paths.append(_atomic_write(folder / f"{i:02d}.png", lambda tmp, im=image: im.save(tmp, format="PNG")))
-    _atomic_write(folder / PROMPT_FILE, lambda tmp: tmp.write_text(prompt + "\n", encoding="utf-8"))
+        paths.append(atomic_write(folder / f"{i:02d}.png", lambda tmp, im=image: im.save(tmp, format="PNG")))
+    atomic_write_text(folder / PROMPT_FILE, prompt + "\n")
     keep = {p.name for p in paths}
     for stale in folder.iterdir():
         if _IMAGE_NAME.match(stale.name) and stale.name not in keep:

@@ -7,22 +7,22 @@ position in the data. The random streams need no saving: every micro-step reseed
 
 Written by hand rather than with `accelerate.save_state`, which writes the full models unless
 hooks intercept them and writes in place; here everything goes to a temporary sibling folder
-that is renamed into place once complete, so a crash or a full disk leaves the previous
-checkpoints intact.
+that is renamed into place once complete (`atomic.staged_dir`), so a crash or a full disk
+leaves the previous checkpoints intact. Nothing here knows what is being trained.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .atomic import staged_dir
 
 __all__ = ["LoopState", "save_checkpoint", "load_checkpoint", "list_checkpoints", "resolve_checkpoint", "CheckpointError"]
 
@@ -42,32 +42,20 @@ class LoopState:
     skipped_steps: int = 0
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
 def save_checkpoint(output_dir: Path, state: LoopState, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler,
                     scaler=None, total_limit: int | None = None) -> Path:
     """Write `output_dir/checkpoint-<step>` atomically; then keep at most `total_limit` of them."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{state.global_step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "lora_params.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / _STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with staged_dir(final) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "lora_params.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / _STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(output_dir)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(

@@ -1,8 +1,9 @@
 """LoRA optimizers: AdaPreLoRA and the baselines it is compared with, behind one factory."""
 
-from .adaprelora import DEFAULT_STATS, AdaPreLoRA
-from .factory import OPTIMIZERS, make_optimizer
+from .adaprelora import DEFAULT_STATS, MOMENTUM_CHOICES, STATS_CHOICES, AdaPreLoRA
+from .factory import OPTIMIZER_SETTINGS, OPTIMIZERS, make_optimizer, optimizer_kwargs
 from .lorapro import LoRAPro
 from .pairs import LoraPair, find_lora_pairs
 
-__all__ = ["AdaPreLoRA", "DEFAULT_STATS", "LoRAPro", "LoraPair", "OPTIMIZERS", "find_lora_pairs", "make_optimizer"]
+__all__ = ["AdaPreLoRA", "DEFAULT_STATS", "LoRAPro", "LoraPair", "MOMENTUM_CHOICES", "OPTIMIZERS", "OPTIMIZER_SETTINGS",
+           "STATS_CHOICES", "find_lora_pairs", "make_optimizer", "optimizer_kwargs"]

@@ -21,17 +21,14 @@ from .closed_form import (
 )
 from .statistics import STATS_MODES, HookStatistics
 
-__all__ = ["AdaPreLoRA", "DEFAULT_STATS"]
+__all__ = ["AdaPreLoRA", "DEFAULT_STATS", "MOMENTUM_CHOICES", "STATS_CHOICES"]
 
-# Set by benchmarks/optimizer_quality.py (best-tuned lr per mode, mean of 3 fresh seeds,
-# benchmarks/results/optimizer_quality.md): T1 excess MSE sketch 8.78e-5, exact 8.84e-5, tangent
-# 1.18e-4 (AdamW 1.99e-4); T2 LM loss sketch 1.270, exact 1.258 (1.3 std apart); on a finer lr
-# grid (results/t2_fine_grid) sketch 1.239, tangent 1.240 (AdamW 1.240); T3 DreamBooth held-out
-# loss sketch 0.1381, exact 0.1381, tangent 0.1410 (AdamW 0.1396). Sketch matches exact
-# everywhere, costs O(T (m + n) k) in backward instead of a full m x n matmul per layer (SD 1.5
-# shapes: 57 vs 115 ms in benchmarks/optimizer_step.py) and is exact under gradient accumulation
-# and data parallelism; tangent ties on T1/T2 and loses on T3.
+# Chosen by benchmarks/optimizer_quality.py: sketch ties exact on T1-T3 at half of exact's
+# backward cost and stays exact under accumulation and DDP; tangent loses on T3. The figures are
+# in benchmarks/results/optimizer_quality.md (and results/t2_fine_grid).
 DEFAULT_STATS = "sketch"
+STATS_CHOICES = STATS_MODES
+MOMENTUM_CHOICES = ("gradient", "update")
 
 
 class AdaPreLoRA(LoraPairOptimizer):
@@ -146,7 +143,7 @@ class AdaPreLoRA(LoraPairOptimizer):
         clip = group["clip_threshold"]
         _check(clip is None or clip > 0.0, f"clip_threshold must be > 0 or None (no clipping), got {clip!r}.")
         _check(
-            group["momentum"] in ("gradient", "update"),
+            group["momentum"] in MOMENTUM_CHOICES,
             f"momentum must be 'gradient' or 'update', got {group['momentum']!r}.",
         )
 

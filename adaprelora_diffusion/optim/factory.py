@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from .adaprelora import AdaPreLoRA
 from .lorapro import LoRAPro
 
-__all__ = ["OPTIMIZERS", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "OPTIMIZER_SETTINGS", "make_optimizer", "optimizer_kwargs"]
 
 ModelSpec = nn.Module | Sequence[nn.Module | dict[str, Any]]
 
@@ -123,3 +123,32 @@ def make_optimizer(name: str, model: ModelSpec, lr: float, **kwargs) -> Optimize
         if "unexpected keyword argument" not in str(err):
             raise
         raise ValueError(f"optimizer {name!r} does not take these arguments: {sorted(kwargs)} ({err}).") from err
+
+
+#: Which trainer settings each optimizer takes, and under which keyword. The settings are the
+#: trainers' flag names (``betas`` from ``--adam_beta1/2``); one table for every trainer, so the
+#: DreamBooth CLI, the web app and the LLM tool map flags to optimizers the same way.
+_ADAM = {"betas": "betas", "weight_decay": "weight_decay", "adam_epsilon": "eps"}
+OPTIMIZER_SETTINGS: dict[str, dict[str, str]] = {
+    "adaprelora": {"betas": "betas", "weight_decay": "weight_decay", "adam_epsilon": "adamw_eps", "seed": "seed",
+                   "adaprelora_stats": "stats", "adaprelora_damping": "damping", "adaprelora_balance": "balance",
+                   "adaprelora_clip_threshold": "clip_threshold", "adaprelora_momentum": "momentum"},
+    "adamw": _ADAM,
+    "loraplus": {**_ADAM, "loraplus_lr_ratio": "loraplus_lr_ratio"},
+    "scaled_adamw": {**_ADAM, "scaled_adamw_reg": "reg"},
+    "adafactor": {"weight_decay": "weight_decay"},  # keeps its own second-moment schedule
+    "lorapro": {"betas": "betas", "weight_decay": "weight_decay", "adam_epsilon": "adamw_eps",
+                "lorapro_damping": "damping"},
+    "soap": _ADAM,
+}
+
+
+def optimizer_kwargs(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of optimizer ``name`` from a trainer's settings (see OPTIMIZER_SETTINGS).
+
+    Settings the optimizer does not take are ignored (a flag of another optimizer); a missing
+    setting keeps the optimizer's own default.
+    """
+    if name not in OPTIMIZER_SETTINGS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}.")
+    return {kw: settings[key] for key, kw in OPTIMIZER_SETTINGS[name].items() if key in settings}

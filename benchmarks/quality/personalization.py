@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from adaprelora_diffusion.demo import demo_subject, scenes
-from adaprelora_diffusion.dreambooth.config import DEMO_INSTANCE_PROMPT, DEMO_SUBJECT_DIR, TrainConfig
+from adaprelora_diffusion.demo.descriptor import DEMO_INSTANCE_PROMPT, DEMO_SUBJECT_DIR
+from adaprelora_diffusion.dreambooth.config import TrainConfig
 from .harness import Config, RunResult, state_bytes
 
 __all__ = ["Personalization", "SIGNATURE_COLORS", "signature_coverage", "subject_score"]

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from adaprelora_diffusion.demo.tiny_pipeline import default_cache_dir
+from adaprelora_diffusion.engine.atomic import atomic_write
 from .harness import Instance
 
 __all__ = ["LanguageAdaptation", "LowRankRegression", "PretrainSpec", "quality_cache_dir"]
@@ -246,7 +246,7 @@ def spread_channel_scales(state: dict[str, torch.Tensor], spec: PretrainSpec, sp
 
 def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Tensor]:
     """State dict of the LM pretrained on the source language: from cache, else trained and
-    cached atomically (tmp file + rename, so a killed run never leaves a torn file)."""
+    cached atomically (a killed run never leaves a torn file)."""
     path = quality_cache_dir() / f"t2_pretrained_{spec.key()}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -266,15 +266,7 @@ def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Ten
         opt.zero_grad(set_to_none=True)
     log(f"pretrained T2 base model in {time.perf_counter() - t0:.1f} s (final train loss {loss.item():.3f})")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return state
 
 

@@ -1,13 +1,14 @@
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from adaprelora_diffusion.dreambooth.model_loading import load_pipeline_components, resolve_model_source
+from adaprelora_diffusion.dreambooth.model_loading import load_pipeline_components, model_defaults, resolve_model_source
 
 
 def copy_pipeline(src, dst):
@@ -20,7 +21,7 @@ def test_none_means_the_shipped_pretrained_tiny_model_with_a_warning(caplog):
 
     with caplog.at_level(logging.WARNING, logger="adaprelora_diffusion.dreambooth.model_loading"):
         c = load_pipeline_components(None)
-    assert c.is_tiny and c.kind == "tiny"
+    assert c.kind == "folder" and c.base_model_version == "sd_v1"  # the shipped descriptor says so
     assert c.source == str(SHIPPED_DIR)
     assert any("pretrained on procedural shapes" in r.getMessage() for r in caplog.records)
     assert isinstance(c.unet, UNet2DConditionModel) and isinstance(c.vae, AutoencoderKL)
@@ -30,20 +31,22 @@ def test_none_means_the_shipped_pretrained_tiny_model_with_a_warning(caplog):
     assert c.unet.dtype == torch.float32
 
 
-def test_random_tiny_folder_named_explicitly_is_tiny(tiny_pipeline_dir, caplog):
+def test_random_tiny_folder_named_explicitly_gets_its_descriptors_defaults(tiny_pipeline_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="adaprelora_diffusion.dreambooth.model_loading"):
         c = load_pipeline_components(tiny_pipeline_dir)
-    assert c.kind == "tiny" and c.source == str(tiny_pipeline_dir)
+    assert c.kind == "folder" and c.source == str(tiny_pipeline_dir)
+    defaults = model_defaults(tiny_pipeline_dir)
+    assert defaults["resolution"] == 64 and Path(defaults["instance_data_dir"]).is_dir()
     assert any("tiny random-weight" in r.getMessage() and "smoke" in r.getMessage() for r in caplog.records)
 
 
 def test_folder_loads_components_and_ddpm_from_its_scheduler_config(tmp_path, tiny_pipeline_dir, caplog):
     folder = copy_pipeline(tiny_pipeline_dir, tmp_path / "plain")
-    for marker in folder.glob(".adaprelora_*"):
+    for marker in [*folder.glob(".adaprelora_*"), *folder.glob("adaprelora_*.json")]:
         marker.unlink()  # an ordinary diffusers folder, not one of the embedded tiny pipelines
     with caplog.at_level(logging.WARNING, logger="adaprelora_diffusion.dreambooth.model_loading"):
         c = load_pipeline_components(folder)
-    assert c.kind == "folder" and not c.is_tiny
+    assert c.kind == "folder" and c.base_model_version is None and model_defaults(folder) == {}
     assert not any("Using the tiny" in r.getMessage() for r in caplog.records)
     # The pipeline ships a DDIM sampler; training gets DDPM with the same noise schedule.
     sampler = json.loads((tiny_pipeline_dir / "scheduler" / "scheduler_config.json").read_text())

@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 import adaprelora_diffusion.engine.checkpoints as checkpointing
 import adaprelora_diffusion.demo.pretrained_tiny as pretrained_tiny
 import adaprelora_diffusion.dreambooth.trainer as training
-from adaprelora_diffusion.dreambooth.config import DEMO_SUBJECT_DIR, TrainConfig
+from adaprelora_diffusion.demo.descriptor import DEMO_SUBJECT_DIR
+from adaprelora_diffusion.dreambooth import diffusion_loss
+from adaprelora_diffusion.dreambooth.config import TrainConfig
 from adaprelora_diffusion.dreambooth.trainer import TrainingError, train
 
 
@@ -110,7 +112,7 @@ def test_prior_preservation_generates_and_reuses_class_images(tmp_path):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    real_loss = training._loss
+    real_loss = diffusion_loss.denoising_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -118,12 +120,12 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(training, "_loss", sometimes_nan)
+    monkeypatch.setattr(diffusion_loss, "denoising_loss", sometimes_nan)
     result = train(config(tmp_path))
     assert result.skipped_steps == 1 and result.global_step == 4
     assert all(torch.isfinite(t).all() for t in lora(result).values())
 
-    monkeypatch.setattr(training, "_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    monkeypatch.setattr(diffusion_loss, "denoising_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
     with pytest.raises(TrainingError, match="non-finite"):
         train(config(tmp_path / "nan", max_consecutive_nonfinite=3))
     assert not (tmp_path / "nan" / "out" / "pytorch_lora_weights.safetensors").exists()
@@ -242,14 +244,14 @@ def test_min_snr_weighting_and_noise_offset():
     alphas = scheduler.alphas_cumprod[t]
     snr = alphas / (1 - alphas)
     expected = (per_sample * torch.minimum(snr, torch.full_like(snr, 5.0)) / snr).mean()
-    got = training._loss(pred, target, t, scheduler, TrainConfig(snr_gamma=5.0), num_instance=3)
+    got = diffusion_loss.denoising_loss(pred, target, t, scheduler, TrainConfig(snr_gamma=5.0), num_instance=3)
     torch.testing.assert_close(got, expected)
-    with_prior = training._loss(pred, target, t, scheduler, TrainConfig(prior_loss_weight=0.5), num_instance=2)
+    with_prior = diffusion_loss.denoising_loss(pred, target, t, scheduler, TrainConfig(prior_loss_weight=0.5), num_instance=2)
     torch.testing.assert_close(with_prior, per_sample[:2].mean() + 0.5 * per_sample[2:].mean())
 
     latents = torch.zeros(2, 4, 8, 8)
-    plain, _ = training._sample_noise(latents, TrainConfig(), 3, 0, [0, 1], 1000)
-    offset, _ = training._sample_noise(latents, TrainConfig(noise_offset=0.1), 3, 0, [0, 1], 1000)
+    plain, _ = diffusion_loss.sample_noise(latents, TrainConfig(), 3, 0, [0, 1], 1000)
+    offset, _ = diffusion_loss.sample_noise(latents, TrainConfig(noise_offset=0.1), 3, 0, [0, 1], 1000)
     shift = offset - plain
     assert shift.abs().max() > 0
     torch.testing.assert_close(shift, shift[:, :, :1, :1].expand_as(shift))  # one constant per sample and channel
