@@ -66,3 +66,34 @@ def test_model_without_trainable_parameters_is_a_clear_error():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         make_optimizer("adamw", frozen, lr=1e-3)
+
+
+def test_optimizer_kwargs_maps_trainer_settings_to_each_optimizers_arguments():
+    from adaprelora_diffusion.optim import OPTIMIZER_SETTINGS, OPTIMIZERS, optimizer_kwargs
+
+    assert set(OPTIMIZER_SETTINGS) == set(OPTIMIZERS)
+    settings = {"betas": (0.8, 0.99), "weight_decay": 0.1, "adam_epsilon": 1e-7, "seed": 3, "adaprelora_stats": "exact",
+                "adaprelora_clip_threshold": None, "loraplus_lr_ratio": 4.0, "scaled_adamw_reg": 0.5, "lorapro_damping": 0.2}
+    assert optimizer_kwargs("adaprelora", settings) == dict(betas=(0.8, 0.99), weight_decay=0.1, adamw_eps=1e-7, seed=3,
+                                                             stats="exact", clip_threshold=None)
+    assert optimizer_kwargs("loraplus", settings)["loraplus_lr_ratio"] == 4.0
+    assert optimizer_kwargs("scaled_adamw", settings)["reg"] == 0.5
+    assert optimizer_kwargs("lorapro", settings)["damping"] == 0.2
+    assert optimizer_kwargs("adafactor", settings) == {"weight_decay": 0.1}
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optimizer_kwargs("sgd", settings)
+
+
+def test_every_optimizer_accepts_what_the_trainer_passes():
+    """Every flag the DreamBooth config maps must be a real argument of its optimizer."""
+    from adaprelora_diffusion.dreambooth.config import TrainConfig
+    from adaprelora_diffusion.optim import OPTIMIZERS, make_optimizer, optimizer_kwargs
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    for name in OPTIMIZERS:
+        if name == "soap":
+            pytest.importorskip("pytorch_optimizer")
+        opt = make_optimizer(name, model, lr=1e-3, **optimizer_kwargs(name, TrainConfig(optimizer=name).optimizer_settings()))
+        if hasattr(opt, "close"):
+            opt.close()
