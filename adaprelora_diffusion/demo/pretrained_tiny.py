@@ -7,7 +7,7 @@ so personalization quality cannot be judged on it. This module trains the same c
 UNet with the DDPM epsilon loss on the frozen VAE's latents (the text encoder optionally jointly).
 The result is saved as an ordinary diffusers folder, loadable with
 ``StableDiffusionPipeline.from_pretrained``. Same seed, same weights (one CPU thread). A copy
-ships in ``assets/tiny-sd-scenes`` as the trainer's default model (:func:`default_pretrained_pipeline`).
+ships in ``demo/assets/tiny-sd-scenes`` (package data) as the trainer's default model (:func:`default_pretrained_pipeline`).
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ def ensure_pretrained_tiny_pipeline(cache_dir: str | os.PathLike | None = None, 
 def default_pretrained_pipeline(cache_dir: str | os.PathLike | None = None) -> Path:
     """The trainer's default model: the shipped pipeline, or a deterministic rebuild of it.
 
-    ``assets/tiny-sd-scenes`` is used when it is complete and of the current
+    ``demo/assets/tiny-sd-scenes`` is used when it is complete and of the current
     :data:`PRETRAINED_VERSION`. Otherwise (an install without the assets, or a recipe changed
     without re-shipping) the same recipe is pretrained once into the cache, which takes minutes
     on a CPU, and that folder is returned; with one CPU thread it has the same weights.

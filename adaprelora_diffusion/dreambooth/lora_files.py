@@ -113,7 +113,7 @@ def save_lora_weights(
     ``save_lora_adapter`` writes them. ``convert_state_dict_to_diffusers`` is deliberately NOT
     applied: in diffusers 0.42 it renames only attention projections, and a file mixing renamed
     and peft keys (e.g. LoRA on to_q *and* conv1, or q_proj *and* fc1) loads back without its
-    attention LoRA (tests/test_lora_io.py::test_diffusers_roundtrip_with_conv_and_mlp_targets).
+    attention LoRA (tests/dreambooth/test_lora_files.py::test_diffusers_roundtrip_with_conv_and_mlp_targets).
     """
     from diffusers import StableDiffusionPipeline
 

@@ -117,13 +117,13 @@ def _py(text: str) -> str:
 def _usage_snippet(base_model, kind: str, lora_folder: str, prompt: str) -> str:
     if kind == "tiny":
         load = (
-            "from adaprelora_diffusion.tiny_pipeline import ensure_tiny_pipeline\n\n"
+            "from adaprelora_diffusion.demo.tiny_pipeline import ensure_tiny_pipeline\n\n"
             "pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_pipeline())  # CPU, float32"
         )
         run = f"image = pipe({_py(prompt)}, num_inference_steps=2, height=64, width=64).images[0]"
     elif kind == "tiny_pretrained":
         load = (
-            "from adaprelora_diffusion.pretrained_tiny import default_pretrained_pipeline\n\n"
+            "from adaprelora_diffusion.demo.pretrained_tiny import default_pretrained_pipeline\n\n"
             "pipe = StableDiffusionPipeline.from_pretrained(default_pretrained_pipeline())  # CPU, float32"
         )
         run = f"image = pipe({_py(prompt)}, num_inference_steps=25, height=64, width=64).images[0]"

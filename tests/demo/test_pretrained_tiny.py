@@ -120,7 +120,7 @@ def test_scene_tokenizer_merges_make_whole_words():
         assert pt._bpe(word, ranks) == [word + "</w>"]
 
 
-# -- the shipped copy (assets/tiny-sd-scenes): the trainer's default model ---------------------
+# -- the shipped copy (demo/assets/tiny-sd-scenes): the trainer's default model ---------------------
 
 SHIPPED = pt.SHIPPED_DIR
 RESHIP = "bump PRETRAINED_VERSION and re-ship it as assets/README.md says"

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from adaprelora_diffusion.dreambooth import lora_files as lora_io
+from adaprelora_diffusion.dreambooth import lora_files
 
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -59,9 +59,9 @@ def test_diffusers_roundtrip_reproduces_images(tmp_path, tiny_pipeline_dir, base
     pipe = lora_pipe(tiny_pipeline_dir)
     ref = generate(pipe)
     assert np.abs(ref - base_image).max() > 0.05  # the LoRA visibly changes the output
-    path = lora_io.save_lora_weights(tmp_path / "out", pipe.unet, pipe.text_encoder)
-    assert path == tmp_path / "out" / lora_io.LORA_WEIGHT_NAME
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [lora_io.LORA_WEIGHT_NAME]  # no temp leftovers
+    path = lora_files.save_lora_weights(tmp_path / "out", pipe.unet, pipe.text_encoder)
+    assert path == tmp_path / "out" / lora_files.LORA_WEIGHT_NAME
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [lora_files.LORA_WEIGHT_NAME]  # no temp leftovers
 
     loaded = fresh(tiny_pipeline_dir)
     loaded.load_lora_weights(str(tmp_path / "out"))
@@ -69,15 +69,15 @@ def test_diffusers_roundtrip_reproduces_images(tmp_path, tiny_pipeline_dir, base
 
     # The text-encoder half matters: without it the image differs, so it was checked above.
     unet_only = fresh(tiny_pipeline_dir)
-    lora_io.save_lora_weights(tmp_path / "unet_only", pipe.unet)
+    lora_files.save_lora_weights(tmp_path / "unet_only", pipe.unet)
     unet_only.load_lora_weights(str(tmp_path / "unet_only"))
     assert np.abs(generate(unet_only) - ref).max() > 1e-3
 
 
 def test_diffusers_metadata_records_alpha_and_no_local_path(tmp_path, tiny_pipeline_dir):
     pipe = lora_pipe(tiny_pipeline_dir)
-    path = lora_io.save_lora_weights(tmp_path, pipe.unet, pipe.text_encoder)
-    meta = json.loads(lora_io.read_safetensors_metadata(path)["lora_adapter_metadata"])
+    path = lora_files.save_lora_weights(tmp_path, pipe.unet, pipe.text_encoder)
+    meta = json.loads(lora_files.read_safetensors_metadata(path)["lora_adapter_metadata"])
     assert meta["unet.r"] == 4 and meta["unet.lora_alpha"] == 8
     assert meta["text_encoder.r"] == 4 and meta["text_encoder.lora_alpha"] == 8
     assert sorted(meta["unet.target_modules"]) == sorted(UNET_ATTN)
@@ -101,7 +101,7 @@ def test_diffusers_roundtrip_with_conv_and_mlp_targets(tmp_path, tiny_pipeline_d
         unet_targets=UNET_ATTN + ["conv1", "conv2", "proj_in", "ff.net.0.proj", "time_emb_proj"],
         te_targets=TE_ATTN + ["fc1", "fc2"],
     )
-    lora_io.save_lora_weights(tmp_path, pipe.unet, pipe.text_encoder)
+    lora_files.save_lora_weights(tmp_path, pipe.unet, pipe.text_encoder)
     loaded = fresh(tiny_pipeline_dir)
     loaded.load_lora_weights(str(tmp_path))
     assert_same_images(pipe, loaded)
@@ -113,7 +113,7 @@ def test_rank_alpha_patterns_and_rslora_survive(tmp_path, tiny_pipeline_dir):
         unet_kwargs=dict(rank_pattern={"attn2.to_k": 2}, alpha_pattern={"attn1.to_q": 3}, use_rslora=True),
         te_kwargs=dict(alpha_pattern={"layers.1.self_attn.q_proj": 2}),
     )
-    lora_io.save_lora_weights(tmp_path, pipe.unet, pipe.text_encoder)
+    lora_files.save_lora_weights(tmp_path, pipe.unet, pipe.text_encoder)
     loaded = fresh(tiny_pipeline_dir)
     loaded.load_lora_weights(str(tmp_path))
     assert_same_images(pipe, loaded)
@@ -121,23 +121,23 @@ def test_rank_alpha_patterns_and_rslora_survive(tmp_path, tiny_pipeline_dir):
 
 def test_load_lora_into_pipeline_accepts_file_or_folder(tmp_path, tiny_pipeline_dir):
     pipe = lora_pipe(tiny_pipeline_dir)
-    lora_io.save_lora_weights(tmp_path / "d", pipe.unet, pipe.text_encoder)
-    lora_io.save_kohya_lora(tmp_path / "k" / "bolt.safetensors", pipe.unet, pipe.text_encoder)
-    for target in (tmp_path / "d", tmp_path / "d" / lora_io.LORA_WEIGHT_NAME, tmp_path / "k" / "bolt.safetensors"):
+    lora_files.save_lora_weights(tmp_path / "d", pipe.unet, pipe.text_encoder)
+    lora_files.save_kohya_lora(tmp_path / "k" / "bolt.safetensors", pipe.unet, pipe.text_encoder)
+    for target in (tmp_path / "d", tmp_path / "d" / lora_files.LORA_WEIGHT_NAME, tmp_path / "k" / "bolt.safetensors"):
         loaded = fresh(tiny_pipeline_dir)
-        lora_io.load_lora_into_pipeline(loaded, target)
+        lora_files.load_lora_into_pipeline(loaded, target)
         np.testing.assert_allclose(generate(loaded), generate(pipe), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match=r"No pytorch_lora_weights\.safetensors in .*bolt\.safetensors"):
-        lora_io.load_lora_into_pipeline(fresh(tiny_pipeline_dir), tmp_path / "k")
+        lora_files.load_lora_into_pipeline(fresh(tiny_pipeline_dir), tmp_path / "k")
     with pytest.raises(ValueError, match="does not exist"):
-        lora_io.load_lora_into_pipeline(fresh(tiny_pipeline_dir), tmp_path / "missing.safetensors")
+        lora_files.load_lora_into_pipeline(fresh(tiny_pipeline_dir), tmp_path / "missing.safetensors")
 
 
 # ------------------------------------------------------------------ kohya layout
 
 def test_kohya_roundtrip_names_alpha_and_metadata(tmp_path, tiny_pipeline_dir, base_image):
     pipe = lora_pipe(tiny_pipeline_dir)
-    path = lora_io.save_kohya_lora(tmp_path / "bolt_kohya.safetensors", pipe.unet, pipe.text_encoder,
+    path = lora_files.save_kohya_lora(tmp_path / "bolt_kohya.safetensors", pipe.unet, pipe.text_encoder,
                                    training_comment="sks robot", metadata={"ss_seed": "42"})
     tensors = load_file(str(path))
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -150,7 +150,7 @@ def test_kohya_roundtrip_names_alpha_and_metadata(tmp_path, tiny_pipeline_dir, b
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in tensors)
 
-    meta = lora_io.read_safetensors_metadata(path)
+    meta = lora_files.read_safetensors_metadata(path)
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
@@ -172,7 +172,7 @@ def test_kohya_conv_lora_stays_4d_and_roundtrips(tmp_path, tiny_pipeline_dir):
                                   "downsamplers.0.conv", "upsamplers.0.conv"],
         te_targets=TE_ATTN + ["fc1", "fc2"],
     )
-    path = lora_io.save_kohya_lora(tmp_path / "conv.safetensors", pipe.unet, pipe.text_encoder)
+    path = lora_files.save_kohya_lora(tmp_path / "conv.safetensors", pipe.unet, pipe.text_encoder)
     tensors = load_file(str(path))
     conv = "lora_unet_down_blocks_1_resnets_0_conv1"
     assert tensors[f"{conv}.lora_down.weight"].shape == (4, 32, 3, 3)
@@ -180,7 +180,7 @@ def test_kohya_conv_lora_stays_4d_and_roundtrips(tmp_path, tiny_pipeline_dir):
     assert tensors["lora_unet_down_blocks_1_resnets_0_conv_shortcut.lora_down.weight"].ndim == 4
     assert "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight" in tensors
     assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in tensors
-    meta = lora_io.read_safetensors_metadata(path)
+    meta = lora_files.read_safetensors_metadata(path)
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "8"}
 
     loaded = fresh(tiny_pipeline_dir)
@@ -196,7 +196,7 @@ def test_kohya_alpha_over_rank_reproduces_each_peft_delta(tmp_path, tiny_pipelin
         unet_kwargs=dict(rank_pattern={"attn2.to_k": 2, "conv1": 3}, alpha_pattern={"attn1.to_q": 3}, use_rslora=True),
         te_kwargs=dict(alpha_pattern={"layers.1.self_attn.q_proj": 2}),
     )
-    tensors = load_file(str(lora_io.save_kohya_lora(tmp_path / "p.safetensors", pipe.unet, pipe.text_encoder)))
+    tensors = load_file(str(lora_files.save_kohya_lora(tmp_path / "p.safetensors", pipe.unet, pipe.text_encoder)))
     checked = 0
     for prefix, model, path_prefix in (("lora_unet_", pipe.unet, ""), ("lora_te_", pipe.text_encoder, "text_model.")):
         for name, module in model.named_modules():
@@ -230,7 +230,7 @@ def test_kohya_alpha_over_rank_reproduces_each_peft_delta(tmp_path, tiny_pipelin
 )
 def test_kohya_nonuniform_alpha_readback_by_diffusers(tmp_path, tiny_pipeline_dir):
     pipe = lora_pipe(tiny_pipeline_dir, unet_kwargs=dict(alpha_pattern={"attn1.to_q": 3}))
-    lora_io.save_kohya_lora(tmp_path / "a.safetensors", pipe.unet, pipe.text_encoder)
+    lora_files.save_kohya_lora(tmp_path / "a.safetensors", pipe.unet, pipe.text_encoder)
     loaded = fresh(tiny_pipeline_dir)
     with pytest.warns(RuntimeWarning):  # silence the expected peft warning
         loaded.load_lora_weights(str(tmp_path), weight_name="a.safetensors")
@@ -239,11 +239,11 @@ def test_kohya_nonuniform_alpha_readback_by_diffusers(tmp_path, tiny_pipeline_di
 
 def test_kohya_unet_only_and_dtype(tmp_path, tiny_pipeline_dir):
     pipe = lora_pipe(tiny_pipeline_dir, te_targets=None)
-    path = lora_io.save_kohya_lora(tmp_path / "u.safetensors", pipe.unet, dtype=torch.float16, output_name="bolt")
+    path = lora_files.save_kohya_lora(tmp_path / "u.safetensors", pipe.unet, dtype=torch.float16, output_name="bolt")
     tensors = load_file(str(path))
     assert all(k.startswith("lora_unet_") for k in tensors)
     assert all(t.dtype == torch.float16 for t in tensors.values())
-    meta = lora_io.read_safetensors_metadata(path)
+    meta = lora_files.read_safetensors_metadata(path)
     assert meta["ss_network_train_unet_only"] == "True" and meta["ss_output_name"] == "bolt"
 
 
@@ -252,26 +252,26 @@ def test_kohya_unet_only_and_dtype(tmp_path, tiny_pipeline_dir):
 def test_clear_errors(tmp_path, tiny_pipeline_dir):
     plain = fresh(tiny_pipeline_dir)
     with pytest.raises(ValueError, match=r"unet has no LoRA adapter named 'default'.*add_adapter"):
-        lora_io.save_lora_weights(tmp_path, plain.unet)
+        lora_files.save_lora_weights(tmp_path, plain.unet)
     pipe = lora_pipe(tiny_pipeline_dir)
     with pytest.raises(ValueError, match="adapters present: default"):
-        lora_io.save_lora_weights(tmp_path, pipe.unet, adapter_name="other")
+        lora_files.save_lora_weights(tmp_path, pipe.unet, adapter_name="other")
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
-        lora_io.save_lora_weights(tmp_path / "afile", pipe.unet)
+        lora_files.save_lora_weights(tmp_path / "afile", pipe.unet)
     with pytest.raises(ValueError, match=r"must end with \.safetensors"):
-        lora_io.save_kohya_lora(tmp_path / "x.pt", pipe.unet)
+        lora_files.save_kohya_lora(tmp_path / "x.pt", pipe.unet)
     with pytest.raises(ValueError, match="str to str"):
-        lora_io.save_kohya_lora(tmp_path / "x.safetensors", pipe.unet, metadata={"ss_steps": 100})
+        lora_files.save_kohya_lora(tmp_path / "x.safetensors", pipe.unet, metadata={"ss_steps": 100})
     dora = fresh(tiny_pipeline_dir)
     dora.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
-        lora_io.save_kohya_lora(tmp_path / "d.safetensors", dora.unet)
+        lora_files.save_kohya_lora(tmp_path / "d.safetensors", dora.unet)
 
 
 def test_failed_write_keeps_previous_file(tmp_path, tiny_pipeline_dir, monkeypatch):
     pipe = lora_pipe(tiny_pipeline_dir)
-    good = lora_io.save_kohya_lora(tmp_path / "k.safetensors", pipe.unet)
+    good = lora_files.save_kohya_lora(tmp_path / "k.safetensors", pipe.unet)
     before = good.read_bytes()
 
     import safetensors.torch
@@ -283,6 +283,6 @@ def test_failed_write_keeps_previous_file(tmp_path, tiny_pipeline_dir, monkeypat
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        lora_io.save_kohya_lora(tmp_path / "k.safetensors", pipe.unet)
+        lora_files.save_kohya_lora(tmp_path / "k.safetensors", pipe.unet)
     assert good.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]
