@@ -14,9 +14,14 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import traceback
 
 from .config import parse_config
 from .trainer import TrainingError, train
+
+
+#: exit statuses, as shells report a process ended by the signal
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,28 +33,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    interrupted = {"count": 0}
+    # The first Ctrl-C or SIGTERM (cloud preemption, `kill`, `docker stop`, job schedulers) ends the
+    # current step, writes a checkpoint and exits; a second Ctrl-C aborts at once.
+    received: list[int] = []
 
-    def on_sigint(signum, frame):
-        interrupted["count"] += 1
-        if interrupted["count"] > 1:
+    def on_signal(signum, frame):
+        received.append(signum)
+        if len(received) > 1 and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort)...", file=sys.stderr)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step and saving a checkpoint (Ctrl-C again to abort)...", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = train(config, should_stop=lambda: interrupted["count"] > 0)
-    except (TrainingError, ValueError, FileNotFoundError) as err:
+        result = train(config, should_stop=lambda: bool(received))
+    except KeyboardInterrupt:
+        print("aborted: the second Ctrl-C stopped the run mid-step; the newest checkpoint is intact "
+              "(continue with --resume_from_checkpoint latest).", file=sys.stderr)
+        return EXIT_SIGINT
+    except (TrainingError, ValueError, OSError, RuntimeError) as err:
+        if config.debug:
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # a library error no message of ours covers: still one line, unless --debug
+        if config.debug:
+            traceback.print_exc()
+        print(f"error: {type(err).__name__}: {err} (rerun with --debug for the traceback, and please report it)",
+              file=sys.stderr)
+        return 1
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     status = "stopped early" if result.stopped_early else "done"
-    print(
-        f"{status}: {result.global_step} steps in {result.seconds:.0f}s, final loss {result.final_loss if result.final_loss is None else round(result.final_loss, 4)}, "
-        f"{result.skipped_steps} skipped; LoRA: {result.lora_path}"
-        + (f"; kohya: {result.kohya_path}" if result.kohya_path else "")
-    )
-    return 130 if result.stopped_early else 0
-
-
+    loss = "-" if result.final_loss is None else round(result.final_loss, 4)
+    print(f"{status}: {result.global_step} steps in {result.seconds:.0f}s, final loss {loss}, {result.skipped_steps} skipped; "
+          f"LoRA: {result.lora_path}" + (f"; kohya: {result.kohya_path}" if result.kohya_path else ""))
+    if result.stopped_early:
+        return EXIT_SIGTERM if received and received[0] == signal.SIGTERM else EXIT_SIGINT
+    return 0

@@ -110,6 +110,7 @@ class TrainConfig:
     seed: int = _help("seed: same seed, same run", default=0)
     max_consecutive_nonfinite: int = _help("stop after this many non-finite losses in a row", default=5)
     cpu: bool = _help("train on CPU even if a GPU is present (Accelerator(cpu=True))", default=False)
+    debug: bool = _help("print the full traceback of an error (otherwise one line names the cause and the fix)", default=False)
     # validation and logging
     validation_prompt: str | None = _help("prompt for sample images (default: the instance prompt)", default=None)
     num_validation_images: int | None = _help("sample images per validation", default=None)

@@ -119,6 +119,9 @@ def scan_image_folder(folder: str | os.PathLike, role: str = "instance") -> list
     for path in candidates:
         try:
             size = _probe(path)
+        except Image.DecompressionBombError as exc:  # a header claiming more pixels than Pillow allows
+            skipped.append(f"{path.name} (too many pixels, a possible decompression bomb: {exc})")
+            continue
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             skipped.append(f"{path.name} ({type(exc).__name__}: {exc})")
             continue
@@ -246,6 +249,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.repeats = repeats
         self.seed = _resolve_seed(seed)
         self.epoch = 0
+        self._decoded: dict[Path, Image.Image] = {}  # see _image
 
         self.instance_images = scan_image_folder(instance_data_root, role="instance")
         self.instance_prompt = (instance_prompt or "").strip() or None
@@ -309,9 +313,27 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def instance_prompt_for(self, record: ImageRecord) -> str:
         return record.caption or self.instance_prompt
 
+    def _image(self, record: ImageRecord) -> Image.Image:
+        """The record's image, decoded once and kept at the size training crops from.
+
+        A large photo is decoded at its first use only and then held with its short side at the
+        resolution (what `transform_image` would resize it to anyway, so the pixels are the same),
+        not re-decoded at every step.
+        """
+        image = self._decoded.get(record.path)
+        if image is None:
+            image = load_image(record.path)
+            w, h = image.size
+            scale = self.resolution / min(w, h)
+            size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
+            if size != (w, h):
+                image = image.resize(size, resample=Image.BICUBIC)
+            self._decoded[record.path] = image
+        return image
+
     def _example(self, record: ImageRecord, index: int, stream: int) -> torch.Tensor:
         gen = augment_generator(self.seed, self.epoch, index, stream)
-        return transform_image(load_image(record.path), self.resolution, self.center_crop, self.random_flip, gen)
+        return transform_image(self._image(record), self.resolution, self.center_crop, self.random_flip, gen)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self._length:

@@ -32,14 +32,16 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..engine.accelerator import check_ranks_in_sync, fresh_accelerator_state, let_collectives_settle
-from ..engine.checkpoints import CheckpointError, LoopState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..engine.checkpoints import (CheckpointError, LoopState, list_checkpoints, load_checkpoint, read_run_config,
+                                  remove_stale_temporaries, resolve_checkpoint, save_checkpoint)
+from ..engine.lock import OutputLock
 from ..engine.errors import TrainingError
 from ..engine.nonfinite import NonFiniteGuard
 from ..engine.progress import ProgressEvent
 from ..engine.randomness import mix
 from ..optim import make_optimizer, optimizer_kwargs
 from .config import TrainConfig
-from .data import DreamBoothDataset, EpochShuffleSampler, collate_fn
+from .data import DreamBoothDataset, EpochShuffleSampler, collate_fn, scan_image_folder
 from .diffusion_loss import encode_prompts, micro_batch_loss
 from .latent_cache import LatentCache, collate_latents
 from .lora_files import LORA_WEIGHT_NAME, save_kohya_lora, save_lora_weights
@@ -93,6 +95,8 @@ class Run:
     recent_losses: list[float] = field(default_factory=list)
     validation_paths: list[Path] = field(default_factory=list)
     stopped: bool = False
+    guard: NonFiniteGuard | None = None
+    lock: OutputLock | None = None
 
     @property
     def device(self) -> torch.device:
@@ -118,8 +122,12 @@ def train(
     It must not change them.
     """
     run = _set_up(config, progress, should_stop, on_step)
-    _train_steps(run)
-    return _finish(run)
+    try:
+        _train_steps(run)
+        return _finish(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 # -- set-up ---------------------------------------------------------------------------------
@@ -134,18 +142,28 @@ def _set_up(config, progress, should_stop, on_step) -> Run:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
         cpu=config.cpu,
     )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    run = Run(config=config, output_dir=output_dir, accelerator=accelerator,
-              models=load_pipeline_components(config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant),
-              weight_dtype=weight_dtype, emit=progress or (lambda event: None), stop=should_stop or (lambda: False),
-              on_step=on_step, started=started)
-    _attach_lora(run)
-    _build_data(run)
-    _build_optimizer(run)
-    _resume(run, resume_path)
+    lock = OutputLock(output_dir).acquire() if accelerator.is_main_process else None  # before anything is written
+    try:
+        if lock is not None:
+            stale = remove_stale_temporaries(output_dir)
+            if stale:
+                logger.info("Removed partial files a killed run left in %s: %s", output_dir, ", ".join(stale))
+        run = Run(config=config, output_dir=output_dir, accelerator=accelerator,
+                  models=load_pipeline_components(config.pretrained_model_name_or_path, revision=config.revision,
+                                                  variant=config.variant),
+                  weight_dtype=weight_dtype, emit=progress or (lambda event: None), stop=should_stop or (lambda: False),
+                  on_step=on_step, started=started, lock=lock)
+        _attach_lora(run)
+        _build_data(run)
+        _build_optimizer(run)
+        _resume(run, resume_path)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if run.is_main:  # the run's settings, as applied (a resumed run's changed lr included)
+        (output_dir / RUN_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     if run.is_main and config.report_to != "none":
         hparams = {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("dreambooth-lora", config=hparams)
@@ -160,6 +178,7 @@ def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, Path | None]:
     config.validate()
     output_dir = Path(config.output_dir).resolve()  # relative paths are resolved once, here
     check_output_dir(output_dir, config)
+    scan_image_folder(config.instance_data_dir, role="instance")  # bad data fails before the model loads
     resume_path = None
     if config.resume_from_checkpoint:  # before loading anything: a wrong path fails fast
         try:
@@ -223,6 +242,7 @@ def _build_data(run: Run) -> None:
                                       pad_to_multiple=config.train_batch_size * run.accelerator.num_processes)
     run.dataloader = torch.utils.data.DataLoader(train_set, batch_size=config.train_batch_size, sampler=run.sampler,
                                                  collate_fn=collate, num_workers=config.dataloader_num_workers)
+    _warn_long_prompts(dataset, m.tokenizer)
     if not config.train_text_encoder:  # frozen text encoder: each distinct prompt is encoded once
         prompts = {dataset.instance_prompt_for(r) for r in dataset.instance_images}
         if dataset.class_prompt:
@@ -230,6 +250,18 @@ def _build_data(run: Run) -> None:
         with torch.no_grad():
             for prompt in sorted(prompts):
                 run.prompt_cache[prompt] = encode_prompts(m.text_encoder, m.tokenizer, [prompt], run.device)[0]
+
+
+def _warn_long_prompts(dataset: DreamBoothDataset, tokenizer) -> None:
+    """Name the captions the text encoder will cut (CLIP reads 77 tokens)."""
+    limit = tokenizer.model_max_length
+    long = [r.path.name for r in dataset.instance_images
+            if len(tokenizer(dataset.instance_prompt_for(r), truncation=False).input_ids) > limit]
+    if dataset.class_prompt and len(tokenizer(dataset.class_prompt, truncation=False).input_ids) > limit:
+        long.append("the class prompt")
+    if long:
+        logger.warning("%d prompt(s) are longer than the text encoder's %d tokens and will be cut: %s. Shorten them "
+                       "(the end of a caption is lost).", len(long), limit, ", ".join(long[:10]))
 
 
 def _ensure_class_images(run: Run) -> str:
@@ -282,14 +314,51 @@ def _build_optimizer(run: Run) -> None:
                   for n, p in accelerator.unwrap_model(module).named_parameters() if p.requires_grad}
 
 
+#: Settings a resumed run must share with its checkpoint: changing them makes a different run.
+#: The optimizer's own hyper-parameters are among them: its state dict restores the checkpoint's.
+#: Everything else (learning rates, schedule, step budget, loss weights, precision, clipping,
+#: validation and checkpoint intervals) is read afresh, so a change applies from the resumed step.
+FIXED_ON_RESUME = ("pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt",
+                   "class_data_dir", "class_prompt", "with_prior_preservation", "num_class_images", "resolution",
+                   "center_crop", "random_flip", "repeats", "rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+                   "use_rslora", "train_text_encoder", "optimizer", "train_batch_size", "gradient_accumulation_steps",
+                   "cache_latents", "seed", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+                   "adaprelora_stats", "adaprelora_damping", "adaprelora_balance", "adaprelora_clip_threshold",
+                   "adaprelora_momentum", "loraplus_lr_ratio", "scaled_adamw_reg", "lorapro_damping")
+_NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_dir", "debug")
+
+
 def _resume(run: Run, resume_path: Path | None) -> None:
+    """Restore the checkpoint. Settings that define the run must match it; a new learning rate or
+    step budget is applied from the resumed step on (and the run's config records it)."""
     if resume_path is None:
         return
+    saved = read_run_config(resume_path) or {}
+    changed = [f"--{k} {saved[k]!r} -> {getattr(run.config, k)!r}" for k in FIXED_ON_RESUME
+               if k in saved and saved[k] != getattr(run.config, k)]
+    if changed:
+        raise TrainingError(f"Cannot resume {resume_path} with different settings ({'; '.join(changed)}): resume with the "
+                            "checkpoint's values, or start a new run in another --output_dir.")
+    applied = [f"--{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(run.config).items()
+               if k in saved and k not in _NOT_SETTINGS and saved[k] != v]
+    if applied:
+        logger.warning("Resuming %s with changed settings, applied from its step on: %s.", resume_path, "; ".join(applied))
+    scheduler = getattr(run.lr_scheduler, "scheduler", run.lr_scheduler)
+    requested = list(scheduler.base_lrs)  # from this run's --learning_rate / --text_encoder_lr
     try:
         run.state = load_checkpoint(resume_path, params=run.params, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                                     scaler=run.accelerator.scaler)
     except CheckpointError as err:
         raise TrainingError(str(err)) from err
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
+    for i, (group, new, old) in enumerate(zip(optimizer.param_groups, requested, list(scheduler.base_lrs))):
+        if new != old:  # a LambdaLR-style schedule: lr = base_lr * factor(step), so rescaling is exact
+            scheduler.base_lrs[i] = new
+            group["initial_lr"] = new
+            group["lr"] = group["lr"] * new / old if old else new
+            logger.warning("Resuming with learning rate %g for param group %d (the checkpoint had %g), from step %d on.",
+                           new, i, old, run.state.global_step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     logger.info("Resumed from %s at step %d.", resume_path, run.state.global_step)
 
 
@@ -303,9 +372,10 @@ def _train_steps(run: Run) -> None:
     if state.global_step == 0:
         _validate(run, 0)
         _observe(run, 0)
-    guard = NonFiniteGuard(config.max_consecutive_nonfinite,
-                           advice="Lower --learning_rate, set --max_grad_norm, or use --mixed_precision no; then resume "
-                                  "from the last checkpoint.")
+    run.guard = guard = NonFiniteGuard(
+        config.max_consecutive_nonfinite,
+        advice="Lower --learning_rate, set --max_grad_norm, or use --mixed_precision no; then resume from the last "
+               "checkpoint (--resume_from_checkpoint latest --learning_rate <lower>).")
     bar = tqdm(total=config.max_train_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     micro, step_losses, step_finite = 0, [], True
     try:
@@ -404,16 +474,32 @@ def _observe(run: Run, step: int) -> None:
 
 
 def _checkpoint(run: Run) -> None:
+    """A checkpoint from every rank's point of view: barrier, the main process writes, barrier."""
     run.accelerator.wait_for_everyone()
     if run.is_main:
-        try:
-            path = save_checkpoint(run.output_dir, run.state, params=run.params, optimizer=run.optimizer,
-                                   lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
-                                   total_limit=run.config.checkpoints_total_limit)
-        except CheckpointError as err:
-            raise TrainingError(str(err)) from err
-        run.emit(ProgressEvent("checkpoint", run.state.global_step, run.config.max_train_steps, message=str(path)))
+        _write_checkpoint(run)
     run.accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(run: Run) -> Path | None:
+    """Save a checkpoint (main process), unless the state may be diverged (the last step was skipped,
+    or a weight is not finite): then the previous checkpoint stays the newest, so `latest` never
+    points at garbage."""
+    if run.guard is not None and run.guard.consecutive:
+        logger.warning("Step %d was skipped (non-finite loss or gradient): no checkpoint is written from it.",
+                       run.state.global_step)
+        return None
+    if not all(torch.isfinite(p).all() for p in run.params.values()):
+        logger.warning("The LoRA weights are not finite at step %d: no checkpoint is written.", run.state.global_step)
+        return None
+    try:
+        path = save_checkpoint(run.output_dir, run.state, params=run.params, optimizer=run.optimizer,
+                               lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
+                               total_limit=run.config.checkpoints_total_limit, run_config=dataclasses.asdict(run.config))
+    except CheckpointError as err:
+        raise TrainingError(str(err)) from err
+    run.emit(ProgressEvent("checkpoint", run.state.global_step, run.config.max_train_steps, message=str(path)))
+    return path
 
 
 def _validate(run: Run, step: int, final: bool = False) -> None:
@@ -451,11 +537,14 @@ def _finish(run: Run) -> TrainResult:
         if not all(torch.isfinite(p).all() for p in run.params.values()):
             raise TrainingError("The LoRA weights are not finite; nothing was saved. Resume from the last checkpoint with a lower --learning_rate.")
         if run.stopped and not config.checkpointing_steps:
-            _checkpoint(run)
-        lora_path = save_lora_weights(run.output_dir, raw_unet, raw_te)
-        if config.output_kohya_format:
-            kohya_path = save_kohya_lora(run.output_dir / KOHYA_WEIGHT_NAME, raw_unet, raw_te, output_name=run.output_dir.name,
-                                         base_model_version=m.base_model_version)
+            _write_checkpoint(run)
+        try:
+            lora_path = save_lora_weights(run.output_dir, raw_unet, raw_te)
+            if config.output_kohya_format:
+                kohya_path = save_kohya_lora(run.output_dir / KOHYA_WEIGHT_NAME, raw_unet, raw_te,
+                                             output_name=run.output_dir.name, base_model_version=m.base_model_version)
+        except Exception as err:  # a full disk (OSError, or torch/safetensors' own error types)
+            raise TrainingError(_final_save_failed(run, err)) from err
     if not run.stopped:
         _validate(run, state.global_step, final=True)
     if run.is_main:
@@ -473,6 +562,24 @@ def _finish(run: Run) -> TrainResult:
     return result
 
 
+def _final_save_failed(run: Run, err: Exception) -> str:
+    """Keep the trained weights in a checkpoint when the LoRA file cannot be written; say how to export."""
+    reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    newest = list_checkpoints(run.output_dir)
+    kept = newest[-1] if newest and newest[-1].name == f"checkpoint-{run.state.global_step}" else None
+    if kept is None:
+        try:
+            kept = _write_checkpoint(run)
+        except TrainingError:
+            kept = None
+    if kept is not None:
+        return (f"Could not write the LoRA weights to {run.output_dir} ({reason}). The trained state is kept in {kept}: "
+                f"free disk space, then export it with the same command plus --resume_from_checkpoint latest.")
+    older = f" The newest checkpoint is {newest[-1]}." if newest else ""
+    return (f"Could not write the LoRA weights to {run.output_dir} ({reason}), nor a checkpoint of step "
+            f"{run.state.global_step}.{older} Free disk space, then resume with --resume_from_checkpoint latest.")
+
+
 def _write_card(run: Run, kohya_path: Path | None) -> None:
     from .model_card import write_model_card
 
@@ -484,7 +591,9 @@ def _write_card(run: Run, kohya_path: Path | None) -> None:
     if config.optimizer == "adaprelora":
         settings.update({k: getattr(config, k) for k in ("adaprelora_stats", "adaprelora_damping", "adaprelora_balance",
                                                          "adaprelora_clip_threshold")})
-    samples = [p for p in run.validation_paths if p.suffix == ".png"][-4:]
+    settings["steps_trained"] = run.state.global_step
+    # step 0's images show the base model, not the LoRA: never present them as its samples
+    samples = [p for p in run.validation_paths if p.suffix == ".png" and p.parent.name != "step-000000"][-4:]
     write_model_card(run.output_dir, base_model=run.models.source, instance_prompt=config.instance_prompt,
                      validation_prompt=config.validation_prompt or config.instance_prompt, optimizer=config.optimizer,
                      settings=settings, sample_images=samples, train_text_encoder=config.train_text_encoder,

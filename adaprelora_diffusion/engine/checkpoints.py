@@ -13,7 +13,9 @@ leaves the previous checkpoints intact. Nothing here knows what is being trained
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -24,10 +26,15 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import staged_dir
 
-__all__ = ["LoopState", "save_checkpoint", "load_checkpoint", "list_checkpoints", "resolve_checkpoint", "CheckpointError"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoopState", "save_checkpoint", "load_checkpoint", "list_checkpoints", "resolve_checkpoint", "verify_checkpoint",
+           "read_run_config", "remove_stale_temporaries", "CheckpointError"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-_STATE_FILE = "training_state.json"  # written last: its presence marks a complete checkpoint
+_STATE_FILE = "training_state.json"  # the loop's position
+MANIFEST = "manifest.json"  # sha256 and size of every other file, written last: it marks a complete checkpoint
+RUN_CONFIG = "run_config.json"  # the settings the run had when it wrote the checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -42,9 +49,19 @@ class LoopState:
     skipped_steps: int = 0
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(output_dir: Path, state: LoopState, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler,
-                    scaler=None, total_limit: int | None = None) -> Path:
-    """Write `output_dir/checkpoint-<step>` atomically; then keep at most `total_limit` of them."""
+                    scaler=None, total_limit: int | None = None, run_config: dict | None = None) -> Path:
+    """Write `output_dir/checkpoint-<step>` atomically, with a checksum manifest; then keep at most
+    `total_limit` of them. Any failure (a full disk included: torch reports it as RuntimeError)
+    removes the partial folder and raises CheckpointError; earlier checkpoints stay intact."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.global_step}"
     try:
@@ -55,11 +72,16 @@ def save_checkpoint(output_dir: Path, state: LoopState, *, params: dict[str, tor
             if scaler is not None:
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
             (tmp / _STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    except OSError as err:
+            if run_config is not None:
+                (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, default=str))
+            files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+            (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+    except Exception as err:  # OSError, torch's RuntimeError on ENOSPC, safetensors' own error type
         previous = list_checkpoints(output_dir)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
         raise CheckpointError(
-            f"Could not write checkpoint {final} ({err.strerror or err}); {kept}. Free disk space, then resume with "
+            f"Could not write checkpoint {final} ({reason}); {kept}. Free disk space, then resume with "
             "--resume_from_checkpoint latest."
         ) from err
     if total_limit is not None:
@@ -69,28 +91,83 @@ def save_checkpoint(output_dir: Path, state: LoopState, *, params: dict[str, tor
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (those with a manifest), oldest first; their files are not verified here."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _NAME.match(p.name)) and (p / _STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _NAME.match(p.name)) and (p / MANIFEST).is_file()]
     return [p for _, p in sorted(found)]
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError naming the first file that is missing, truncated or altered."""
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"Checkpoint {path} has no readable {MANIFEST} ({err}): it is incomplete or damaged.") from err
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"Checkpoint {path} is damaged: {file} is missing.")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"Checkpoint {path} is damaged: {file} has {size} bytes, {expected['bytes']} were written (truncated?).")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"Checkpoint {path} is damaged: {file} does not match its checksum (altered on disk).")
+
+
 def resolve_checkpoint(output_dir: Path, spec: str) -> Path | None:
-    """'latest' (None if there is none yet) or an explicit folder (an error if not a checkpoint)."""
+    """The checkpoint to resume from, verified against its manifest.
+
+    'latest': the newest intact checkpoint (None if there is none yet); damaged newer ones are
+    skipped with a warning that names them. An explicit folder must be intact, or this is an error.
+    """
     if spec == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for path in reversed(found):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                logger.warning("%s Falling back to an earlier checkpoint.", err)
+                continue
+            return path
+        if found:
+            raise CheckpointError(f"Every checkpoint in {output_dir} is damaged ({', '.join(p.name for p in found)}): "
+                                  "start again with --overwrite_output_dir.")
+        return None
     path = Path(spec)
-    if not (path / _STATE_FILE).is_file():
-        raise CheckpointError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder (no {_STATE_FILE}). "
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder (no {MANIFEST}). "
                               f"Use 'latest' or one of: {', '.join(map(str, list_checkpoints(output_dir))) or 'none yet'}.")
+    verify_checkpoint(path)
     return path
 
 
+def read_run_config(path: Path) -> dict | None:
+    """The settings saved with a checkpoint (None for checkpoints written without them)."""
+    file = Path(path) / RUN_CONFIG
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def remove_stale_temporaries(output_dir: Path) -> list[str]:
+    """Delete the hidden partial folders a killed run left (``.checkpoint-N.tmp-*``, ``.*.stale-*``).
+
+    Call only while holding the output folder's lock: another live run's temporaries look the same.
+    """
+    removed = []
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return removed
+    for p in output_dir.iterdir():
+        if p.name.startswith(".checkpoint-") and (".tmp-" in p.name or ".stale-" in p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
 def load_checkpoint(path: Path, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None) -> LoopState:
-    """Restore a checkpoint into live objects; returns where the loop stood."""
+    """Restore a (verified) checkpoint into live objects; returns where the loop stood."""
     path = Path(path)
     saved = load_file(str(path / "lora_params.safetensors"))
     missing, unexpected = set(params) - set(saved), set(saved) - set(params)

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 
 from adaprelora_diffusion.dreambooth.config import TrainConfig, build_parser, parse_config
 
@@ -57,3 +59,39 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path, tiny_pipeline_dir):
     assert int(checkpoints[0].name.split("-")[1]) >= 1
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert "stopped early" in stdout
+
+
+def test_sigterm_checkpoints_exits_143_and_the_resumed_run_is_bit_identical(tmp_path, tiny_pipeline_dir):
+    from safetensors.torch import load_file
+
+    common = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--report_to", "none", "--num_validation_images", "0",
+              "--max_train_steps", "80", "--checkpointing_steps", "100000"]
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, "train_dreambooth.py", *common, "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_for(tiny_pipeline_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "training_config.json").exists():
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "SIGTERM: stopping after this step" in stderr and "Traceback" not in stderr
+    (checkpoint,) = out.glob("checkpoint-*")
+    assert 0 < int(checkpoint.name.split("-")[1]) < 80
+    resumed = subprocess.run(cmd + ["--resume_from_checkpoint", "latest"], cwd=ROOT, env=env_for(tiny_pipeline_dir),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = subprocess.run([sys.executable, "train_dreambooth.py", *common, "--output_dir", str(tmp_path / "ref")], cwd=ROOT,
+                               env=env_for(tiny_pipeline_dir), capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    a = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "ref" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_errors_are_one_line_without_debug(tmp_path, tiny_pipeline_dir):
+    args = [sys.executable, "train_dreambooth.py", "--pretrained_model_name_or_path", str(tmp_path / "no" / "such" / "model"),
+            "--output_dir", str(tmp_path / "o")]
+    done = subprocess.run(args, cwd=ROOT, env=env_for(tiny_pipeline_dir), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "does not exist" in done.stderr and "Traceback" not in done.stderr
