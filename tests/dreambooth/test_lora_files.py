@@ -10,6 +10,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from adaprelora_diffusion.dreambooth import lora_files as lora_io
+from adaprelora_diffusion.dreambooth.lora_setup import add_text_encoder_lora
 
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -32,7 +33,8 @@ def lora_pipe(path, unet_targets=UNET_ATTN, te_targets=TE_ATTN, seed=1, unet_kwa
     pipe = fresh(path)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=unet_targets, **(unet_kwargs or {})))
     if te_targets:
-        pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=te_targets, **(te_kwargs or {})))
+        # As the trainer attaches it: through peft, not transformers' add_adapter (and its peft version gate).
+        add_text_encoder_lora(pipe.text_encoder, LoraConfig(r=4, lora_alpha=8, target_modules=te_targets, **(te_kwargs or {})))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for model in (pipe.unet, pipe.text_encoder):
