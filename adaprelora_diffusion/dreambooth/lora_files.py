@@ -137,7 +137,9 @@ def save_lora_weights(
     and peft keys (e.g. LoRA on to_q *and* conv1, or q_proj *and* fc1) loads back without its
     attention LoRA (tests/test_lora_io.py::test_diffusers_roundtrip_with_conv_and_mlp_targets).
     """
-    from diffusers import StableDiffusionPipeline
+    # The pipeline's LoRA mixin, not the pipeline: importing StableDiffusionPipeline pulls in image
+    # processors (and transformers' torchvision notices) that saving never uses.
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -161,7 +163,7 @@ def save_lora_weights(
         # target; we then move just the file.
         staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir))
         try:
-            StableDiffusionPipeline.save_lora_weights(
+            StableDiffusionLoraLoaderMixin.save_lora_weights(
                 save_directory=str(staging),
                 unet_lora_layers=unet_layers,
                 text_encoder_lora_layers=te_layers,

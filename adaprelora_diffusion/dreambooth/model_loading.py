@@ -10,6 +10,7 @@ a message that names the path and what was expected, instead of a deep library t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -209,6 +210,45 @@ def _load_weights(component: str, source: str, cls, **kwargs):
     return model
 
 
+#: transformers' notice when diffusers' pipeline modules import ``CLIPImageProcessor`` /
+#: ``SiglipImageProcessor`` without torchvision installed (transformers/utils/import_utils.py). The
+#: trainer never uses an image processor (no safety checker, no IP-Adapter), so it is noise to users.
+_TORCHVISION_FALLBACK_NOTICE = re.compile(
+    r"^`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+ImageProcessorPil`"
+)
+_TRANSFORMERS_IMPORT_LOGGER = "transformers.utils.import_utils"
+
+
+class _DropTorchvisionFallbackNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _TORCHVISION_FALLBACK_NOTICE.match(record.getMessage())
+
+
+@contextlib.contextmanager
+def no_image_processor_fallback_notice():
+    """Drop transformers' "``<X>ImageProcessor`` requires torchvision" fallback notice inside this block.
+
+    Importing diffusers' ``StableDiffusionPipeline`` imports ``CLIPImageProcessor`` (the safety
+    checker's feature extractor) and ``SiglipImageProcessor`` (IP-Adapter), which logs that notice
+    once each when torchvision is absent; nothing here uses either. Only that message, only from
+    transformers' import machinery's logger, only while the block runs.
+    """
+    import_logger = logging.getLogger(_TRANSFORMERS_IMPORT_LOGGER)
+    notice_filter = _DropTorchvisionFallbackNotice()
+    import_logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        import_logger.removeFilter(notice_filter)
+
+
+def stable_diffusion_pipeline_class():
+    """diffusers' ``StableDiffusionPipeline``, imported without the torchvision fallback notices."""
+    with no_image_processor_fallback_notice():
+        from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline
+
+
 def load_pipeline_components(
     pretrained_model_name_or_path: str | os.PathLike | None = None,
     revision: str | None = None,
@@ -225,7 +265,7 @@ def load_pipeline_components(
     ``prediction_type`` (epsilon / v_prediction) follow the model. A text encoder, VAE or UNet whose
     checkpoint lacks weights is an error (``check_all_weights_loaded``), not a warning.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kind, source = resolve_model_source(pretrained_model_name_or_path)
@@ -239,7 +279,7 @@ def load_pipeline_components(
         if revision is not None:
             kwargs["revision"] = revision
         try:
-            pipe = StableDiffusionPipeline.from_single_file(source, **kwargs)
+            pipe = stable_diffusion_pipeline_class().from_single_file(source, **kwargs)
         except Exception as exc:  # diffusers raises many types here (hub, conversion, safetensors errors)
             offline = "" if single_file_config else (
                 " Loading a single file needs the matching diffusers configs: without network access pass "
