@@ -15,7 +15,9 @@ file behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 
 from ..engine.atomic import atomic_write
+
+logger = logging.getLogger(__name__)
 
 #: diffusers' default LoRA file name (``LORA_WEIGHT_NAME_SAFE``); ``load_lora_weights(dir)`` finds it.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -115,7 +119,9 @@ def save_lora_weights(
     and peft keys (e.g. LoRA on to_q *and* conv1, or q_proj *and* fc1) loads back without its
     attention LoRA (tests/dreambooth/test_lora_files.py::test_diffusers_roundtrip_with_conv_and_mlp_targets).
     """
-    from diffusers import StableDiffusionPipeline
+    # The pipeline's LoRA mixin, not the pipeline: importing StableDiffusionPipeline pulls in image
+    # processors (and transformers' torchvision notices) that saving never uses.
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -139,7 +145,7 @@ def save_lora_weights(
         # target; we then move just the file.
         staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir))
         try:
-            StableDiffusionPipeline.save_lora_weights(
+            StableDiffusionLoraLoaderMixin.save_lora_weights(
                 save_directory=str(staging),
                 unet_lora_layers=unet_layers,
                 text_encoder_lora_layers=te_layers,
@@ -296,7 +302,12 @@ def save_kohya_lora(
 
 
 def load_lora_into_pipeline(pipe, path: str | os.PathLike, adapter_name: str | None = None) -> None:
-    """Load a LoRA file (either layout) or a folder holding ``pytorch_lora_weights.safetensors`` into ``pipe``."""
+    """Load a LoRA file (either layout) or a folder holding ``pytorch_lora_weights.safetensors`` into ``pipe``.
+
+    diffusers loads the text-encoder part through transformers' ``load_adapter``. If transformers
+    refuses the installed peft there, the error names both versions and the fix, and the UNet part
+    that diffusers had already loaded is removed again.
+    """
     path = Path(path)
     if path.is_dir():
         folder, weight_name = path, LORA_WEIGHT_NAME
@@ -310,4 +321,58 @@ def load_lora_into_pipeline(pipe, path: str | os.PathLike, adapter_name: str | N
         folder, weight_name = path.parent, path.name
     else:
         raise ValueError(f"LoRA path {path} does not exist: pass a LoRA .safetensors file or the folder holding {LORA_WEIGHT_NAME}.")
-    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+    unet_adapters = set(getattr(getattr(pipe, "unet", None), "peft_config", None) or {})
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+    except ValueError as exc:
+        min_peft = transformers_peft_refusal(exc)
+        if min_peft is None:
+            raise
+        _drop_new_unet_adapters(pipe, unet_adapters)
+        raise ValueError(incompatible_peft_message(f"load the text-encoder part of the LoRA {path}", exc, min_peft)) from exc
+
+
+#: transformers' refusal of the installed peft (transformers/utils/peft_utils.py::check_peft_version,
+#: called by PreTrainedModel's adapter methods; diffusers loads text-encoder LoRA through them).
+#: diffusers' own check words it differently ("... a version that is at least X").
+_TRANSFORMERS_PEFT_REFUSAL = re.compile(r"The version of PEFT you are using is not compatible, please use a version >= (\S+)")
+
+
+def transformers_peft_refusal(exc: BaseException) -> str | None:
+    """The minimum peft version named by transformers' "PEFT version not compatible" error, or None for other errors."""
+    match = _TRANSFORMERS_PEFT_REFUSAL.search(str(exc)) if isinstance(exc, ValueError) else None
+    return match.group(1) if match else None
+
+
+def _installed(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def incompatible_peft_message(what: str, exc: BaseException, min_peft: str) -> str:
+    """Why transformers refused the installed peft, and the two ways out."""
+    return (
+        f"Could not {what}: transformers {_installed('transformers')} refuses the installed peft {_installed('peft')} "
+        f"for text-encoder adapters ({exc}). Install a matching pair: the tested set with "
+        f"`pip install -c constraints.txt -e .` (transformers<5.24 with peft 0.21), or a newer peft with "
+        f"`pip install \"peft>={min_peft}\"`."
+    )
+
+
+def _drop_new_unet_adapters(pipe, before: set[str]) -> None:
+    """Undo the UNet half of a LoRA load that failed on the text encoder (diffusers loads the UNet first)."""
+    unet = getattr(pipe, "unet", None)
+    added = [name for name in (getattr(unet, "peft_config", None) or {}) if name not in before]
+    if not added:
+        return
+    try:
+        if before:
+            unet.delete_adapters(added)
+        else:
+            unet.unload_lora()
+    except Exception as err:  # best effort: the load error that follows is the one to report
+        logger.warning("Could not remove the partly loaded LoRA adapter(s) %s from the UNet (%s): rebuild the pipeline.", added, err)

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from peft import LoraConfig
 from torch import nn
 
 from .config import TEXT_ENCODER_TARGETS, TrainConfig
 
-__all__ = ["attach_lora", "trainable_parameters"]
+__all__ = ["attach_lora", "add_text_encoder_lora", "trainable_parameters"]
 
 
-def _add(model: nn.Module, config: LoraConfig, what: str) -> None:
+def add_text_encoder_lora(text_encoder: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    """Inject a LoRA adapter into a transformers text encoder with peft itself.
+
+    This does what ``PreTrainedModel.add_adapter`` does, minus transformers' PEFT version gate:
+    transformers >= 5.24 refuses peft < 0.22 there ("The version of PEFT you are using is not
+    compatible"), although peft's own injection works with the peft installed. The result is the
+    same model: peft LoRA layers, ``text_encoder.peft_config[adapter_name]`` (which
+    ``get_peft_model_state_dict`` and the LoRA savers read) and transformers' "adapter loaded" flag,
+    so gradient checkpointing and diffusers' LoRA unloading treat it as an adapter model.
+    """
+    from peft.functional import inject_adapter_in_model, set_adapter
+
+    existing = getattr(text_encoder, "peft_config", None) or {}
+    if adapter_name in existing:
+        raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+    # As transformers' add_adapter does (the savers drop it again: it is a local path).
+    config.base_model_name_or_path = text_encoder.__dict__.get("name_or_path", None)
+    inject_adapter_in_model(config, text_encoder, adapter_name)
+    text_encoder._hf_peft_config_loaded = True
+    set_adapter(text_encoder, adapter_name)
+
+
+def _add(attach: Callable[[LoraConfig], None], config: LoraConfig, what: str) -> None:
     try:
-        model.add_adapter(config)
+        attach(config)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(
             f"Could not attach LoRA to the {what}: {err}. Check --lora_target_modules against the model's module names."
@@ -24,17 +48,21 @@ def attach_lora(unet: nn.Module, text_encoder: nn.Module | None, config: TrainCo
     """Add one LoRA adapter to the UNet (and the text encoder if trained); freeze the rest.
 
     B starts at zero (the standard init), so the model is unchanged until the first step; A
-    is Gaussian, as in diffusers' DreamBooth LoRA script.
+    is Gaussian, as in diffusers' DreamBooth LoRA script. The UNet gets its adapter through
+    diffusers' ``add_adapter``, the text encoder through peft directly (``add_text_encoder_lora``),
+    so neither goes through transformers' PEFT version check.
     """
     alpha = config.lora_alpha if config.lora_alpha is not None else config.rank
     common = dict(r=config.rank, lora_alpha=alpha, lora_dropout=config.lora_dropout, init_lora_weights="gaussian",
                   use_rslora=config.use_rslora)
     unet.requires_grad_(False)
-    _add(unet, LoraConfig(target_modules=list(config.unet_targets()), **common), "UNet")
+    # diffusers' PeftAdapterMixin.add_adapter checks diffusers' own minimum peft version, not transformers'.
+    _add(unet.add_adapter, LoraConfig(target_modules=list(config.unet_targets()), **common), "UNet")
     if text_encoder is not None:
         text_encoder.requires_grad_(False)
         if config.train_text_encoder:
-            _add(text_encoder, LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **common), "text encoder")
+            _add(lambda c: add_text_encoder_lora(text_encoder, c), LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **common),
+                 "text encoder")
 
 
 def trainable_parameters(*models: nn.Module | None) -> list[torch.nn.Parameter]:

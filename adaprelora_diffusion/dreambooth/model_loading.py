@@ -10,6 +10,7 @@ a message that names the path and what was expected, instead of a deep library t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -186,6 +187,79 @@ def _load(component: str, source: str, fn, *args, **kwargs):
         raise (ValueError if isinstance(exc, ValueError) else OSError)(f"Could not load the {component} of {source}: {exc}") from exc
 
 
+def check_all_weights_loaded(component: str, source: str, loading_info: dict) -> None:
+    """Raise a ValueError if ``from_pretrained(..., output_loading_info=True)`` left weights uninitialised.
+
+    transformers and diffusers only warn when checkpoint keys are missing and give those weights
+    random values, so a model that silently lost part of its weights would train and sample noise.
+    That happens with a checkpoint whose key names another library version wrote (transformers 4.x
+    reads a CLIP text encoder saved by transformers 5, which has no ``text_model.`` prefix, as
+    random weights) and with a truncated or mismatched weights file.
+    """
+    missing = sorted(loading_info.get("missing_keys") or ())
+    if not missing:
+        return
+    unexpected = sorted(loading_info.get("unexpected_keys") or ())
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    names_differ = (
+        f" The file holds {len(unexpected)} weight(s) under names the model does not use (e.g. {', '.join(unexpected[:3])}): "
+        f"the names differ, as in a checkpoint saved by another transformers/diffusers version."
+        if unexpected else ""
+    )
+    raise ValueError(
+        f"The {component} of {source} lacks {len(missing)} weight(s) the model needs ({shown}); they would be left "
+        f"randomly initialised.{names_differ} Likely causes: a checkpoint saved by another version of "
+        f"transformers/diffusers (install the tested set with `pip install -c constraints.txt -e .`, or re-save "
+        f"the model with the versions that read it), or a truncated or mismatched weights file (download or copy it again)."
+    )
+
+
+def _load_weights(component: str, source: str, cls, **kwargs):
+    """``cls.from_pretrained(source, subfolder=component)`` that refuses to leave weights uninitialised."""
+    model, info = _load(component, source, cls.from_pretrained, source, subfolder=component, output_loading_info=True, **kwargs)
+    check_all_weights_loaded(component, source, info)
+    return model
+
+
+#: transformers' notice when diffusers' pipeline modules import ``CLIPImageProcessor`` /
+#: ``SiglipImageProcessor`` without torchvision installed (transformers/utils/import_utils.py). The
+#: trainer never uses an image processor (no safety checker, no IP-Adapter), so it is noise to users.
+_TORCHVISION_FALLBACK_NOTICE = re.compile(
+    r"^`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+ImageProcessorPil`"
+)
+_TRANSFORMERS_IMPORT_LOGGER = "transformers.utils.import_utils"
+
+
+class _DropTorchvisionFallbackNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _TORCHVISION_FALLBACK_NOTICE.match(record.getMessage())
+
+
+@contextlib.contextmanager
+def no_image_processor_fallback_notice():
+    """Drop transformers' "``<X>ImageProcessor`` requires torchvision" fallback notice inside this block.
+
+    Importing diffusers' ``StableDiffusionPipeline`` imports ``CLIPImageProcessor`` (the safety
+    checker's feature extractor) and ``SiglipImageProcessor`` (IP-Adapter), which logs that notice
+    once each when torchvision is absent; nothing here uses either. Only that message, only from
+    transformers' import machinery's logger, only while the block runs.
+    """
+    import_logger = logging.getLogger(_TRANSFORMERS_IMPORT_LOGGER)
+    notice_filter = _DropTorchvisionFallbackNotice()
+    import_logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        import_logger.removeFilter(notice_filter)
+
+
+def stable_diffusion_pipeline_class():
+    """diffusers' ``StableDiffusionPipeline``, imported without the torchvision fallback notices."""
+    with no_image_processor_fallback_notice():
+        from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline
+
+
 def load_pipeline_components(
     pretrained_model_name_or_path: str | os.PathLike | None = None,
     revision: str | None = None,
@@ -199,9 +273,10 @@ def load_pipeline_components(
     ``single_file_config`` names a local diffusers folder with matching configs so that this works
     offline), or ``None`` for the tiny pretrained pipeline. The noise scheduler is a
     ``DDPMScheduler`` built from the model's own scheduler config, so the beta schedule and
-    ``prediction_type`` (epsilon / v_prediction) follow the model.
+    ``prediction_type`` (epsilon / v_prediction) follow the model. A text encoder, VAE or UNet whose
+    checkpoint lacks weights is an error (``check_all_weights_loaded``), not a warning.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kind, source = resolve_model_source(pretrained_model_name_or_path)
@@ -216,7 +291,7 @@ def load_pipeline_components(
         if revision is not None:
             kwargs["revision"] = revision
         try:
-            pipe = StableDiffusionPipeline.from_single_file(source, **kwargs)
+            pipe = stable_diffusion_pipeline_class().from_single_file(source, **kwargs)
         except Exception as exc:  # diffusers raises many types here (hub, conversion, safetensors errors)
             offline = "" if single_file_config else (
                 " Loading a single file needs the matching diffusers configs: without network access pass "
@@ -236,12 +311,12 @@ def load_pipeline_components(
     common = {"revision": revision}
     weights = {"revision": revision, "variant": variant}
     tokenizer = _load("tokenizer", source, CLIPTokenizer.from_pretrained, source, subfolder="tokenizer", **common)
-    text_encoder = _load("text_encoder", source, CLIPTextModel.from_pretrained, source, subfolder="text_encoder", **weights)
+    text_encoder = _load_weights("text_encoder", source, CLIPTextModel, **weights)
     return SDComponents(
         tokenizer=check_tokenizer(tokenizer, text_encoder, source),
         text_encoder=text_encoder,
-        vae=_load("vae", source, AutoencoderKL.from_pretrained, source, subfolder="vae", **weights),
-        unet=_load("unet", source, UNet2DConditionModel.from_pretrained, source, subfolder="unet", **weights),
+        vae=_load_weights("vae", source, AutoencoderKL, **weights),
+        unet=_load_weights("unet", source, UNet2DConditionModel, **weights),
         noise_scheduler=_load("scheduler", source, DDPMScheduler.from_pretrained, source, subfolder="scheduler", **common),
         source=source,
         kind=kind,

@@ -25,6 +25,7 @@ from PIL import UnidentifiedImageError
 
 from .data import CAPTION_EXTENSION, _probe, check_resolution
 from ..engine.atomic import atomic_write
+from .model_loading import no_image_processor_fallback_notice
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def ensure_class_images(
         return existing[:num_class_images]
 
     logger.info("Generating %d class images of %r in %s (%d already there).", missing, class_prompt, folder, len(existing))
-    pipe = pipeline_factory()
+    with no_image_processor_fallback_notice():  # the factory usually imports StableDiffusionPipeline
+        pipe = pipeline_factory()
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     start = next_class_index(folder)

@@ -601,21 +601,18 @@ def _write_card(run: Run, kohya_path: Path | None) -> None:
 
 
 class _adapters_disabled:
-    """Context: the base model without LoRA (for class images)."""
+    """Context: the base model without LoRA (for class images), switched through peft's own layers
+    so it works whichever library attached the adapter (diffusers, or peft for the text encoder)."""
 
     def __init__(self, *models):
-        self.models = [m for m in models if m is not None and hasattr(m, "disable_adapters")]
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [layer for m in models if m is not None for layer in m.modules() if isinstance(layer, BaseTunerLayer)]
 
     def __enter__(self):
-        for m in self.models:
-            try:
-                m.disable_adapters()
-            except ValueError:  # no adapter loaded on this model
-                pass
+        for layer in self.layers:
+            layer.enable_adapters(False)
 
     def __exit__(self, *exc):
-        for m in self.models:
-            try:
-                m.enable_adapters()
-            except ValueError:
-                pass
+        for layer in self.layers:
+            layer.enable_adapters(True)

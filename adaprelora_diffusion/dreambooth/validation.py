@@ -157,8 +157,9 @@ def generate_images(
     ``torch.float16``) runs sampling under ``torch.autocast``, needed when the modules hold mixed
     dtypes (fp16 frozen weights with fp32 LoRA). Sampling runs on the modules' device.
     """
-    from diffusers import StableDiffusionPipeline
+    from .model_loading import stable_diffusion_pipeline_class
 
+    StableDiffusionPipeline = stable_diffusion_pipeline_class()
     _check_generation_args(prompt, num_images, seed, resolution, num_inference_steps)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

@@ -10,6 +10,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from adaprelora_diffusion.dreambooth import lora_files
+from adaprelora_diffusion.dreambooth.lora_setup import add_text_encoder_lora
 
 UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -32,7 +33,8 @@ def lora_pipe(path, unet_targets=UNET_ATTN, te_targets=TE_ATTN, seed=1, unet_kwa
     pipe = fresh(path)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=unet_targets, **(unet_kwargs or {})))
     if te_targets:
-        pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=te_targets, **(te_kwargs or {})))
+        # As the trainer attaches it: through peft, not transformers' add_adapter (and its peft version gate).
+        add_text_encoder_lora(pipe.text_encoder, LoraConfig(r=4, lora_alpha=8, target_modules=te_targets, **(te_kwargs or {})))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for model in (pipe.unet, pipe.text_encoder):
@@ -286,3 +288,58 @@ def test_failed_write_keeps_previous_file(tmp_path, tiny_pipeline_dir, monkeypat
         lora_files.save_kohya_lora(tmp_path / "k.safetensors", pipe.unet)
     assert good.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]
+
+
+# ------------------------------------------------------------------ transformers refusing the installed peft
+
+@pytest.fixture
+def te_loading_refused(monkeypatch):
+    """Make transformers' load_adapter start with its real PEFT version check, as transformers 4.x does,
+    against a minimum no peft meets: the refusal diffusers meets when it loads a text-encoder LoRA."""
+    from transformers.integrations import peft as transformers_peft
+
+    real = transformers_peft.PeftAdapterMixin.load_adapter
+
+    def gated(self, *args, **kwargs):
+        transformers_peft.check_peft_version(min_version="99.0")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers_peft.PeftAdapterMixin, "load_adapter", gated)
+
+
+def test_refused_text_encoder_load_names_versions_and_fix(tmp_path, tiny_pipeline_dir, te_loading_refused):
+    import peft
+    import transformers
+
+    pipe = lora_pipe(tiny_pipeline_dir)
+    lora_files.save_lora_weights(tmp_path / "full", pipe.unet, pipe.text_encoder)
+    lora_files.save_lora_weights(tmp_path / "unet_only", pipe.unet)
+    target = fresh(tiny_pipeline_dir)
+    lora_files.load_lora_into_pipeline(target, tmp_path / "unet_only", adapter_name="a")  # no text encoder: no refusal
+    with pytest.raises(ValueError) as info:
+        lora_files.load_lora_into_pipeline(target, tmp_path / "full", adapter_name="b")
+    message = str(info.value)
+    assert "load the text-encoder part of the LoRA" in message and "full" in message
+    assert f"transformers {transformers.__version__} refuses the installed peft {peft.__version__}" in message
+    assert "pip install -c constraints.txt -e ." in message and "transformers<5.24 with peft 0.21" in message
+    assert 'pip install "peft>=99.0"' in message
+    assert "The version of PEFT you are using is not compatible" in str(info.value.__cause__)
+    # The UNet half diffusers loaded before the text encoder failed is gone; the earlier adapter stays.
+    assert set(target.unet.peft_config) == {"a"}
+    assert not hasattr(target.text_encoder, "peft_config")
+
+    fresh_pipe = fresh(tiny_pipeline_dir)
+    with pytest.raises(ValueError, match="refuses the installed peft"):
+        lora_files.load_lora_into_pipeline(fresh_pipe, tmp_path / "full")
+    assert not hasattr(fresh_pipe.unet, "peft_config")
+    assert not any("lora_" in n for n, _ in fresh_pipe.unet.named_parameters())
+
+
+def test_only_transformers_refusal_is_rewritten():
+    refusal = ValueError("The version of PEFT you are using is not compatible, please use a version >= 0.22.0")
+    assert lora_files.transformers_peft_refusal(refusal) == "0.22.0"
+    # diffusers' own check (a different remedy) and other errors are left alone.
+    diffusers_check = ValueError("The version of PEFT you are using is not compatible, please use a version that is at least 0.6.0")
+    assert lora_files.transformers_peft_refusal(diffusers_check) is None
+    assert lora_files.transformers_peft_refusal(ValueError("Target modules {'x'} not found")) is None
+    assert lora_files.transformers_peft_refusal(TypeError(str(refusal))) is None

@@ -148,7 +148,8 @@ def _redirect_loaders(monkeypatch, folder, calls, overrides=None):
             calls.append((klass.__name__, name, kw))
             if overrides and klass.__name__ in overrides:
                 return overrides[klass.__name__]
-            return _real(klass, str(folder), subfolder=kw["subfolder"])
+            extra = {"output_loading_info": kw["output_loading_info"]} if "output_loading_info" in kw else {}
+            return _real(klass, str(folder), subfolder=kw["subfolder"], **extra)
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
 
@@ -160,8 +161,10 @@ def test_hub_id_goes_through_from_pretrained_per_subfolder(tiny_pipeline_dir, mo
     assert c.kind == "hub" and c.source == "owner/model" and isinstance(c.unet, UNet2DConditionModel)
     by_class = {cls: (name, kw) for cls, name, kw in calls}
     assert set(by_class) == {"CLIPTokenizer", "CLIPTextModel", "AutoencoderKL", "UNet2DConditionModel", "DDPMScheduler"}
-    assert by_class["UNet2DConditionModel"] == ("owner/model", {"subfolder": "unet", "revision": "abc123", "variant": "fp16"})
-    assert by_class["CLIPTextModel"][1] == {"subfolder": "text_encoder", "revision": "abc123", "variant": "fp16"}
+    weights = {"revision": "abc123", "variant": "fp16", "output_loading_info": True}
+    assert by_class["UNet2DConditionModel"] == ("owner/model", {"subfolder": "unet", **weights})
+    assert by_class["AutoencoderKL"] == ("owner/model", {"subfolder": "vae", **weights})
+    assert by_class["CLIPTextModel"][1] == {"subfolder": "text_encoder", **weights}
     # Tokenizer and scheduler have no weight variants.
     assert by_class["CLIPTokenizer"][1] == {"subfolder": "tokenizer", "revision": "abc123"}
     assert by_class["DDPMScheduler"][1] == {"subfolder": "scheduler", "revision": "abc123"}
@@ -249,3 +252,65 @@ def test_single_file_errors_are_wrapped(tmp_path, tiny_pipeline_dir):
     # Offline without a config it cannot fetch the default configs: the message says what to do.
     with pytest.raises(ValueError, match="single_file_config=<local diffusers SD folder"):
         load_pipeline_components(bogus)
+
+
+# ------------------------------------------------------------------ weights missing from a checkpoint
+
+def _rewrite_weights(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    save_file(edit(tensors), str(path), metadata={"format": "pt"})
+    return tensors
+
+
+def test_text_encoder_with_missing_weights_is_an_error(tmp_path, tiny_pipeline_dir):
+    folder = copy_pipeline(tiny_pipeline_dir, tmp_path / "truncated")
+    te_file = folder / "text_encoder" / "model.safetensors"
+    _rewrite_weights(te_file, lambda t: {k: v for k, v in t.items() if "layers.1." not in k})
+    with pytest.raises(ValueError) as info:
+        load_pipeline_components(folder)
+    message = str(info.value)
+    assert f"The text_encoder of {folder} lacks 16 weight(s)" in message
+    assert "encoder.layers.1." in message and "and 11 more" in message  # a few names, not all
+    assert "randomly initialised" in message
+    assert "another version of transformers/diffusers" in message and "pip install -c constraints.txt -e ." in message
+    assert "truncated or mismatched weights file" in message
+    assert "names the model does not use" not in message  # nothing was renamed here
+
+
+def test_text_encoder_saved_under_other_key_names_is_an_error(tmp_path, tiny_pipeline_dir):
+    # As transformers 4.x sees a CLIP text encoder saved by transformers 5 (or any other renaming):
+    # every weight is "missing" and every tensor in the file "unexpected".
+    folder = copy_pipeline(tiny_pipeline_dir, tmp_path / "renamed")
+    te = CLIPTextModel.from_pretrained(str(tiny_pipeline_dir), subfolder="text_encoder")
+    te.save_pretrained(str(folder / "text_encoder"))
+    original = _rewrite_weights(folder / "text_encoder" / "model.safetensors",
+                                lambda t: {"clip_text." + k: v for k, v in t.items()})
+    with pytest.raises(ValueError, match=rf"text_encoder of .*renamed lacks {len(original)} weight\(s\)") as info:
+        load_pipeline_components(folder)
+    assert f"The file holds {len(original)} weight(s) under names the model does not use (e.g. clip_text." in str(info.value)
+
+
+def test_canonical_clip_key_names_still_load(tmp_path, tiny_pipeline_dir):
+    # SD checkpoints spell text-encoder keys "text_model.encoder...": transformers 5 maps them, nothing is missing.
+    folder = copy_pipeline(tiny_pipeline_dir, tmp_path / "prefixed")
+    _rewrite_weights(folder / "text_encoder" / "model.safetensors", lambda t: {"text_model." + k: v for k, v in t.items()})
+    c = load_pipeline_components(folder)
+    ref = CLIPTextModel.from_pretrained(str(tiny_pipeline_dir), subfolder="text_encoder").state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in c.text_encoder.state_dict().items())
+
+
+@pytest.mark.parametrize("component, weights_file", [("unet", "diffusion_pytorch_model.safetensors"),
+                                                     ("vae", "diffusion_pytorch_model.safetensors")])
+def test_diffusers_models_with_missing_weights_are_an_error(tmp_path, tiny_pipeline_dir, component, weights_file):
+    folder = copy_pipeline(tiny_pipeline_dir, tmp_path / component)
+    dropped = []
+
+    def drop_one(tensors):
+        dropped.append(sorted(tensors)[0])
+        return {k: v for k, v in tensors.items() if k != dropped[0]}
+
+    _rewrite_weights(folder / component / weights_file, drop_one)
+    with pytest.raises(ValueError, match=rf"The {component} of .* lacks 1 weight\(s\) the model needs \({dropped[0]}\)"):
+        load_pipeline_components(folder)
