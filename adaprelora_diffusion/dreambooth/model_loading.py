@@ -185,6 +185,30 @@ def _load(component: str, source: str, fn, *args, **kwargs):
     except (OSError, ValueError) as exc:
         # Plain OSError/ValueError: some library exception types cannot be rebuilt from a message.
         raise (ValueError if isinstance(exc, ValueError) else OSError)(f"Could not load the {component} of {source}: {exc}") from exc
+    except Exception as exc:  # safetensors' SafetensorError on a truncated file, a torch unpickling error, ...
+        raise ValueError(f"Could not load the {component} of {source} ({type(exc).__name__}: {exc}): its weights file "
+                         "is damaged or truncated; download or save the model again.") from exc
+
+
+def check_single_file(path: str) -> None:
+    """Catch a truncated or corrupt local checkpoint before diffusers blames something else."""
+    if not Path(path).is_file():
+        return  # a URL: diffusers downloads it
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt", device="cpu") as fh:  # checks the header against the file size
+                fh.keys()
+        else:
+            import zipfile
+
+            with open(path, "rb") as fh:
+                is_zip = fh.read(4) == b"PK\x03\x04"  # torch's zip format (a legacy pickle cannot be checked cheaply)
+            if is_zip:
+                zipfile.ZipFile(path).close()  # a truncated zip has lost its central directory: BadZipFile
+    except Exception as exc:
+        raise ValueError(f"The checkpoint {path} is damaged or truncated ({type(exc).__name__}: {exc}): download it again.") from exc
 
 
 def check_all_weights_loaded(component: str, source: str, loading_info: dict) -> None:
@@ -290,6 +314,7 @@ def load_pipeline_components(
             kwargs["config"] = str(single_file_config)
         if revision is not None:
             kwargs["revision"] = revision
+        check_single_file(source)
         try:
             pipe = stable_diffusion_pipeline_class().from_single_file(source, **kwargs)
         except Exception as exc:  # diffusers raises many types here (hub, conversion, safetensors errors)

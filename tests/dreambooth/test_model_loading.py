@@ -230,9 +230,11 @@ def test_single_file_routes_to_from_single_file(tmp_path, tiny_pipeline_dir, mon
         return tiny
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(fake))
+    from safetensors.torch import save_file
+
     for name in ("model.safetensors", "model.CKPT"):
         ckpt = tmp_path / name
-        ckpt.write_bytes(b"weights")
+        save_file({"w": torch.zeros(2)}, str(ckpt)) if name.endswith(".safetensors") else ckpt.write_bytes(b"weights")
         c = load_pipeline_components(ckpt, single_file_config=tiny_pipeline_dir)
         assert c.kind == "single_file" and c.source == str(ckpt)
         assert c.unet is tiny.unet and c.tokenizer is tiny.tokenizer
@@ -313,4 +315,30 @@ def test_diffusers_models_with_missing_weights_are_an_error(tmp_path, tiny_pipel
 
     _rewrite_weights(folder / component / weights_file, drop_one)
     with pytest.raises(ValueError, match=rf"The {component} of .* lacks 1 weight\(s\) the model needs \({dropped[0]}\)"):
+        load_pipeline_components(folder)
+
+
+def test_truncated_single_file_is_named_as_damaged_not_blamed_on_configs(tmp_path, tiny_pipeline_dir):
+    import zipfile
+
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1000)}, str(ckpt))
+    ckpt.write_bytes(ckpt.read_bytes()[:-500])
+    zipped = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, zipped)
+    assert zipfile.is_zipfile(zipped)
+    zipped.write_bytes(zipped.read_bytes()[:-100])
+    for path in (ckpt, zipped):
+        with pytest.raises(ValueError, match="damaged or truncated") as info:
+            load_pipeline_components(path)
+        assert "single_file_config" not in str(info.value)
+
+
+def test_truncated_unet_file_is_a_one_line_error(tmp_path, tiny_pipeline_dir):
+    folder = copy_pipeline(tiny_pipeline_dir, tmp_path / "cut")
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises((ValueError, OSError), match=r"unet of .*cut"):
         load_pipeline_components(folder)
