@@ -18,3 +18,15 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     return ensure_tiny_pipeline(cache_dir=tmp_path_factory.mktemp("tiny-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+    return ensure_tiny_pipeline(cache_dir=tmp_path_factory.mktemp("tiny-sdxl-cache"), family="sdxl")
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def family_model(request):
+    """(family, model folder) for tests that must hold for SD 1.x/2.x and SDXL alike."""
+    name = "tiny_pipeline_dir" if request.param == "sd" else "tiny_sdxl_pipeline_dir"
+    return request.param, request.getfixturevalue(name)

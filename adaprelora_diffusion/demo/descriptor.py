@@ -51,6 +51,12 @@ _ABOUT = {
         notice="Using the tiny random-weight Stable Diffusion pipeline: it is for smoke runs and tests only "
                "(its images are noise); pass a real SD 1.x/2.x model to train for real.",
     ),
+    "tiny_sdxl": dict(
+        defaults=SMOKE_DEFAULTS,
+        notice="Using the tiny random-weight SDXL pipeline: it is for smoke runs and tests only (its images are noise); "
+               "pass a real SDXL model to train for real.",
+        base_model_version="sdxl_base_v1-0",
+    ),
     "tiny_pretrained": dict(
         defaults=DEMO_DEFAULTS,
         notice="Using the tiny Stable Diffusion pipeline pretrained on procedural shapes (64 px, a few MB): "
@@ -75,7 +81,7 @@ def write_descriptor(folder: str | os.PathLike, kind: str) -> Path:
     info = {
         "kind": kind,
         "notice": about["notice"],
-        "base_model_version": "sd_v1",
+        "base_model_version": about.get("base_model_version", "sd_v1"),
         "training_defaults": {**about["defaults"], "instance_data_dir": subject, "instance_prompt": DEMO_INSTANCE_PROMPT},
     }
     return atomic_write_text(folder / MODEL_DESCRIPTOR, json.dumps(info, indent=2) + "\n")

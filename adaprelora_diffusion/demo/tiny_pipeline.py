@@ -184,6 +184,48 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLi
     )
 
 
+def build_tiny_sdxl_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLike | None = None):
+    """A tiny SDXL pipeline (random weights) built from configs: two CLIP text encoders (the second
+    with a projection, giving the pooled embedding), a UNet with SDXL's text-time micro-conditioning
+    and SDXL's block layout (a plain first down block, two layers per block), so SDXL code paths and
+    file layouts are exercised in seconds. Same ``seed`` gives bit-identical weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tok_dir = write_tokenizer_files(tokenizer_dir if tokenizer_dir is not None else scratch)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=MAX_TEXT_LENGTH)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=MAX_TEXT_LENGTH)
+
+    def text_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=MAX_TEXT_LENGTH, projection_dim=hidden,
+                              hidden_act="gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+
+    time_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config(TEXT_HIDDEN_SIZE))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(TEXT_HIDDEN_SIZE))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
+                            latent_channels=4, norm_num_groups=8, sample_size=64, scaling_factor=0.13025)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+            cross_attention_dim=2 * TEXT_HIDDEN_SIZE, norm_num_groups=32,
+            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + TEXT_HIDDEN_SIZE,
+        )
+    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SD1_SCHEDULER_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one")})
+    for module in (text_encoder, text_encoder_2, vae, unet):
+        module.eval()
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
+
+
 def is_complete_tiny_pipeline(path: str | os.PathLike) -> bool:
     """True if ``path`` holds a finished tiny pipeline of the current version."""
     path = Path(path)
@@ -205,7 +247,7 @@ def is_complete_tiny_pipeline(path: str | os.PathLike) -> bool:
     return True
 
 
-def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int = DEFAULT_SEED) -> Path:
+def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int = DEFAULT_SEED, family: str = "sd") -> Path:
     """Return the folder of the tiny pipeline, building and saving it once if needed.
 
     The folder is ``<cache_dir>/tiny-sd`` (``cache_dir`` defaults to :func:`default_cache_dir`).
@@ -213,15 +255,20 @@ def ensure_tiny_pipeline(cache_dir: str | os.PathLike | None = None, seed: int =
     builder never leaves a half-written pipeline at the final path.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / (TINY_SUBDIR if seed == DEFAULT_SEED else f"{TINY_SUBDIR}-seed{seed}")
+    if family not in ("sd", "sdxl"):
+        raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
+    subdir = TINY_SUBDIR if family == "sd" else f"{TINY_SUBDIR}xl"
+    kind = "tiny" if family == "sd" else "tiny_sdxl"
+    target = root / (subdir if seed == DEFAULT_SEED else f"{subdir}-seed{seed}")
     if is_complete_tiny_pipeline(target):
-        ensure_descriptor(target, "tiny")
+        ensure_descriptor(target, kind)
         return target
 
     with staged_dir(target, accept_existing=is_complete_tiny_pipeline) as staging:
-        pipe = build_tiny_pipeline(seed=seed, tokenizer_dir=staging / "tokenizer")
+        build = build_tiny_pipeline if family == "sd" else build_tiny_sdxl_pipeline
+        pipe = build(seed=seed, tokenizer_dir=staging / "tokenizer")
         pipe.save_pretrained(staging)
-        write_descriptor(staging, "tiny")
+        write_descriptor(staging, kind)
         (staging / _MARKER).write_text(json.dumps({"version": TINY_PIPELINE_VERSION, "seed": seed}), encoding="utf-8")
     logger.info("Saved the tiny random-weight Stable Diffusion pipeline to %s", target)
     return target

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,6 +18,9 @@ from typing import Any
 from ..optim import DEFAULT_STATS, MOMENTUM_CHOICES, OPTIMIZERS, STATS_CHOICES
 
 __all__ = ["TrainConfig", "build_parser", "parse_config", "LORA_TARGET_PRESETS", "REAL_DEFAULTS"]
+
+#: --image_interpolation_mode names (PIL's resampling filters).
+INTERPOLATION_MODES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 
 #: named sets of UNet LoRA targets; a comma list of module names also works.
 LORA_TARGET_PRESETS = {
@@ -41,8 +46,8 @@ REAL_DEFAULTS = {
 }
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, nargs: str | None = None, **kw):
+    return field(metadata={"help": text, "nargs": nargs}, **kw)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class TrainConfig:
     )
     revision: str | None = _help("model revision (hub)", default=None)
     variant: str | None = _help("weights variant, e.g. fp16", default=None)
+    pretrained_vae_model_name_or_path: str | None = _help("a VAE to use instead of the model's (e.g. SDXL's fp16-safe VAE)", default=None)
     # data
     instance_data_dir: str | None = _help("folder of subject images (default with the tiny model: the demo subject)", default=None)
     instance_prompt: str | None = _help("prompt with the identifier, e.g. 'a photo of sks dog'", default=None)
@@ -100,7 +106,8 @@ class TrainConfig:
     lr_power: float = _help("power of the polynomial scheduler", default=1.0)
     max_grad_norm: float | None = _help("gradient clipping norm (<= 0: off)", default=1.0)
     train_batch_size: int = _help("batch size per device", default=1)
-    max_train_steps: int | None = _help("optimizer steps (default 500; 60 with the tiny model)", default=None)
+    max_train_steps: int | None = _help("optimizer steps (default 500; 60 with the tiny model); overrides --num_train_epochs", default=None)
+    num_train_epochs: int | None = _help("train this many epochs (passes over the instance images x repeats) instead of --max_train_steps", default=None)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
     gradient_checkpointing: bool = _help("trade compute for memory", default=False)
     mixed_precision: str = _help("no, fp16 or bf16 (LoRA weights stay float32)", default="no")
@@ -110,11 +117,29 @@ class TrainConfig:
     seed: int = _help("seed: same seed, same run", default=0)
     max_consecutive_nonfinite: int = _help("stop after this many non-finite losses in a row", default=5)
     cpu: bool = _help("train on CPU even if a GPU is present (Accelerator(cpu=True))", default=False)
+    allow_tf32: bool = _help("allow TF32 matmuls on Ampere+ GPUs (faster; no effect without CUDA, which is logged)", default=False)
+    enable_xformers_memory_efficient_attention: bool = _help("use xformers attention (needs the xformers package; "
+                                                             "PyTorch's own SDPA attention is used otherwise)", default=False)
+    use_8bit_adam: bool = _help("bitsandbytes' 8-bit AdamW for --optimizer adamw (needs bitsandbytes and a CUDA GPU)", default=False)
+    class_labels_conditioning: str | None = _help("pass 'timesteps' as the UNet's class labels (only for UNets with a class embedding)", default=None)
+    image_interpolation_mode: str = _help(f"resampling when resizing images: {', '.join(INTERPOLATION_MODES)} (diffusers' "
+                                          "default is lanczos)", default="bicubic")
+    tokenizer_name: str | None = _help("load the tokenizer from this folder or hub id instead of the model's", default=None)
+    tokenizer_max_length: int | None = _help("tokens per prompt (default: the tokenizer's model_max_length)", default=None)
+    text_encoder_use_attention_mask: bool = _help("pass the padding mask to the text encoder (SD 1.x/2.x)", default=False)
+    pre_compute_text_embeddings: bool = _help("encode each prompt once (always done with a frozen text encoder; "
+                                              "incompatible with --train_text_encoder)", default=False)
+    prior_generation_precision: str | None = _help("precision of class-image generation: fp32, fp16 or bf16 "
+                                                   "(default: the training precision)", default=None)
+    local_rank: int = _help("set by launchers; the process rank comes from the environment (LOCAL_RANK)", default=-1)
     debug: bool = _help("print the full traceback of an error (otherwise one line names the cause and the fix)", default=False)
     # validation and logging
     validation_prompt: str | None = _help("prompt for sample images (default: the instance prompt)", default=None)
     num_validation_images: int | None = _help("sample images per validation", default=None)
     validation_steps: int | None = _help("validate every N steps (0: only at start and end)", default=None)
+    validation_epochs: int | None = _help("validate every N epochs instead of --validation_steps", default=None)
+    validation_images: str | None = _help("input images for image-conditioned validation (upscalers, variations): "
+                                          "not applicable to text-to-image SD/SDXL, refused", default=None, nargs="+")
     num_validation_inference_steps: int | None = _help("sampler steps for sample images", default=None)
     report_to: str = _help("tensorboard or none", default="tensorboard")
     logging_dir: str = _help("log folder, inside output_dir", default="logs")
@@ -125,6 +150,9 @@ class TrainConfig:
     checkpoints_total_limit: int | None = _help("keep at most N checkpoints", default=None)
     resume_from_checkpoint: str | None = _help("'latest' or a checkpoint folder", default=None)
     output_kohya_format: bool = _help("also write a kohya-format .safetensors", default=False)
+    push_to_hub: bool = _help("upload the output folder (LoRA, card, samples; not checkpoints) to the Hub at the end", default=False)
+    hub_model_id: str | None = _help("Hub repo for --push_to_hub (default: the output folder's name)", default=None)
+    hub_token: str | None = _help("Hub token for --push_to_hub (default: the logged-in token)", default=None)
 
     # -- derived -------------------------------------------------------------------------
     def resolved(self, model_defaults: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -140,6 +168,10 @@ class TrainConfig:
             recommended.pop("instance_data_dir", None)
             recommended.pop("instance_prompt", None)
         defaults = {**REAL_DEFAULTS, **recommended}
+        if self.num_train_epochs is not None:
+            defaults.pop("max_train_steps")  # the trainer derives it from the epochs once the data is known
+        if self.validation_epochs is not None:
+            defaults.pop("validation_steps")
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def optimizer_settings(self) -> dict[str, Any]:
@@ -187,6 +219,31 @@ class TrainConfig:
         need(self.max_consecutive_nonfinite >= 1, f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}.")
         need(self.snr_gamma is None or self.snr_gamma > 0, f"--snr_gamma must be > 0, got {self.snr_gamma}.")
         need(self.prior_loss_weight >= 0, f"--prior_loss_weight must be >= 0, got {self.prior_loss_weight}.")
+        need(self.image_interpolation_mode in INTERPOLATION_MODES,
+             f"--image_interpolation_mode must be one of {', '.join(INTERPOLATION_MODES)}, got {self.image_interpolation_mode!r}.")
+        need(self.num_train_epochs is None or self.num_train_epochs >= 1, f"--num_train_epochs must be >= 1, got {self.num_train_epochs}.")
+        need(self.validation_epochs is None or self.validation_epochs >= 1, f"--validation_epochs must be >= 1, got {self.validation_epochs}.")
+        need(self.validation_epochs is None or self.validation_steps is None,
+             "--validation_epochs and --validation_steps both set the validation interval: keep one.")
+        need(not self.validation_images, "--validation_images feeds image-conditioned pipelines (upscalers, image variation); "
+             "SD 1.x/2.x and SDXL validation here is text-to-image from --validation_prompt: drop --validation_images.")
+        need(not (self.pre_compute_text_embeddings and self.train_text_encoder),
+             "--pre_compute_text_embeddings cannot be used with --train_text_encoder (the embeddings change as it trains).")
+        need(self.class_labels_conditioning in (None, "timesteps"),
+             f"--class_labels_conditioning supports only 'timesteps', got {self.class_labels_conditioning!r}.")
+        need(self.prior_generation_precision in (None, "no", "fp32", "fp16", "bf16"),
+             f"--prior_generation_precision must be fp32, fp16 or bf16, got {self.prior_generation_precision!r}.")
+        need(self.tokenizer_max_length is None or self.tokenizer_max_length >= 1,
+             f"--tokenizer_max_length must be >= 1, got {self.tokenizer_max_length}.")
+        need(not self.use_8bit_adam or self.optimizer == "adamw",
+             f"--use_8bit_adam replaces AdamW; it does not apply to --optimizer {self.optimizer}: add --optimizer adamw or drop it.")
+        need(not self.use_8bit_adam or importlib.util.find_spec("bitsandbytes") is not None,
+             "--use_8bit_adam needs bitsandbytes (CUDA GPUs): pip install bitsandbytes, or drop the flag.")
+        need(not self.enable_xformers_memory_efficient_attention or importlib.util.find_spec("xformers") is not None,
+             "--enable_xformers_memory_efficient_attention needs xformers (pip install xformers, CUDA GPUs); without it PyTorch's "
+             "scaled-dot-product attention is used, which is as memory efficient: drop the flag.")
+        need(not self.push_to_hub or os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"),
+             "--push_to_hub with HF_HUB_OFFLINE set cannot upload: unset HF_HUB_OFFLINE or drop --push_to_hub (the LoRA is saved locally either way).")
         if self.with_prior_preservation:
             need(bool(self.class_prompt), "--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog').")
             need(bool(self.class_data_dir), "--with_prior_preservation needs --class_data_dir (a folder; missing images are generated).")
@@ -214,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-        parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+        if f.metadata.get("nargs"):
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text, nargs=f.metadata["nargs"])
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
     return parser
 
 

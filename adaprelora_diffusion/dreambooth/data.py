@@ -187,11 +187,24 @@ def transform_image(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Resize the short side to ``resolution``, crop a square, maybe flip; return a [-1, 1] tensor."""
+    return transform_image_with_crop(image, resolution, center_crop, random_flip, generator)[0]
+
+
+def transform_image_with_crop(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    random_flip: bool,
+    generator: torch.Generator | None = None,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`transform_image`, plus the crop's top-left corner ``(top, left)`` in the resized image as
+    the model sees it (mirrored when flipped): SDXL's crop micro-conditioning."""
     w, h = image.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), resample=Image.BICUBIC)
+        image = image.resize((new_w, new_h), resample=resample)
     if center_crop:
         left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     else:
@@ -200,7 +213,8 @@ def transform_image(
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and bool(torch.rand((), generator=generator) < 0.5):
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return image_to_tensor(image)
+        left = new_w - resolution - left  # the same crop, seen in the mirrored image
+    return image_to_tensor(image), (int(top), int(left))
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,8 +254,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_prompt: str | None = None,
         max_class_images: int | None = None,
         seed: int | torch.Generator | None = 0,
+        interpolation: str = "bicubic",
     ):
         self.resolution = check_resolution(resolution)
+        self.resample = Image.Resampling[interpolation.upper()]
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats must be an integer >= 1 (times each instance image is used per epoch); got {repeats!r}.")
         self.center_crop = bool(center_crop)
@@ -327,28 +343,33 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             scale = self.resolution / min(w, h)
             size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
             if size != (w, h):
-                image = image.resize(size, resample=Image.BICUBIC)
+                image = image.resize(size, resample=self.resample)
             self._decoded[record.path] = image
         return image
 
     def _example(self, record: ImageRecord, index: int, stream: int) -> torch.Tensor:
         gen = augment_generator(self.seed, self.epoch, index, stream)
-        return transform_image(self._image(record), self.resolution, self.center_crop, self.random_flip, gen)
+        return transform_image_with_crop(self._image(record), self.resolution, self.center_crop, self.random_flip, gen,
+                                         self.resample)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} out of range for a dataset of {self._length} items")
         record = self.instance_images[index % self.num_instance_images]
+        pixels, crop = self._example(record, index, _RNG_STREAM_INSTANCE)
         example = {
-            "instance_pixel_values": self._example(record, index, _RNG_STREAM_INSTANCE),
+            "instance_pixel_values": pixels,
             "instance_prompt": self.instance_prompt_for(record),
             "instance_path": str(record.path),
+            # SDXL's micro-conditioning: the image's real size (height, width) and where it was cropped
+            "instance_original_size": (record.size[1], record.size[0]),
+            "instance_crop_top_left": crop,
         }
         if self.class_images:
             crecord = self.class_images[index % len(self.class_images)]
-            example["class_pixel_values"] = self._example(crecord, index, _RNG_STREAM_CLASS)
-            example["class_prompt"] = self.class_prompt
-            example["class_path"] = str(crecord.path)
+            pixels, crop = self._example(crecord, index, _RNG_STREAM_CLASS)
+            example.update(class_pixel_values=pixels, class_prompt=self.class_prompt, class_path=str(crecord.path),
+                           class_original_size=(crecord.size[1], crecord.size[0]), class_crop_top_left=crop)
         return example
 
 
@@ -408,15 +429,14 @@ def collate_fn(examples: list[dict], tokenizer=None) -> dict:
     has_class = ["class_pixel_values" in ex for ex in examples]
     if any(has_class) and not all(has_class):
         raise ValueError("collate_fn got a batch mixing examples with and without class images.")
-    pixels = [ex["instance_pixel_values"] for ex in examples]
-    prompts = [ex["instance_prompt"] for ex in examples]
-    if all(has_class):
-        pixels += [ex["class_pixel_values"] for ex in examples]
-        prompts += [ex["class_prompt"] for ex in examples]
+    roles = ["instance", "class"] if all(has_class) else ["instance"]
+    pixels = [ex[f"{role}_pixel_values"] for role in roles for ex in examples]
     batch = {
         "pixel_values": torch.stack(pixels).contiguous(memory_format=torch.contiguous_format).float(),
-        "prompts": prompts,
+        "prompts": [ex[f"{role}_prompt"] for role in roles for ex in examples],
         "num_instance": len(examples),
+        "original_sizes": [ex[f"{role}_original_size"] for role in roles for ex in examples],
+        "crop_top_lefts": [ex[f"{role}_crop_top_left"] for role in roles for ex in examples],
     }
     if tokenizer is not None:
         batch["input_ids"] = tokenizer(

@@ -51,9 +51,37 @@ def denoising_loss(model_pred, target, timesteps, noise_scheduler, config: Train
     return loss
 
 
-def encode_prompts(text_encoder, tokenizer, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
+def encode_prompts(models, prompts: list[str], device, max_length: int | None = None,
+                   use_attention_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The UNet's text conditioning: (hidden states, pooled embedding or None).
+
+    SD 1.x/2.x: the text encoder's last hidden states. SDXL (as diffusers' SDXL scripts): both
+    encoders' penultimate hidden states side by side, and the second encoder's projected pooled
+    embedding.
+    """
+    def ids(tokenizer):
+        return tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+
+    if not models.is_sdxl:
+        if use_attention_mask:  # --text_encoder_use_attention_mask
+            tokens = models.tokenizer(prompts, padding="max_length", max_length=max_length or models.tokenizer.model_max_length,
+                                      truncation=True, return_tensors="pt")
+            return models.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0], None
+        return models.text_encoder(ids(models.tokenizer))[0], None
+    hidden = []
+    for tokenizer, text_encoder in ((models.tokenizer, models.text_encoder), (models.tokenizer_2, models.text_encoder_2)):
+        out = text_encoder(ids(tokenizer), output_hidden_states=True, return_dict=False)
+        hidden.append(out[-1][-2])
+        pooled = out[0]
+    return torch.cat(hidden, dim=-1), pooled.view(len(prompts), -1)
+
+
+def time_ids(batch, resolution: int, device, dtype) -> torch.Tensor:
+    """SDXL's micro-conditioning per row: original (height, width), crop (top, left), target size."""
+    rows = [list(size) + list(crop) + [resolution, resolution]
+            for size, crop in zip(batch["original_sizes"], batch["crop_top_lefts"], strict=True)]
+    return torch.tensor(rows, device=device, dtype=dtype)
 
 
 def _row_keys(positions: list[int], batch) -> list[int]:
@@ -79,11 +107,18 @@ def micro_batch_loss(run, batch, positions: list[int], step: int, micro: int) ->
     noise, timesteps = sample_noise(latents, config, step, micro, rows, m.noise_scheduler.config.num_train_timesteps)
     noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
     if config.train_text_encoder:
-        encoder_hidden_states = encode_prompts(m.text_encoder, m.tokenizer, batch["prompts"], run.device)
+        encoder_hidden_states, pooled = encode_prompts(m, batch["prompts"], run.device, config.tokenizer_max_length,
+                                                       config.text_encoder_use_attention_mask)
     else:
-        encoder_hidden_states = torch.stack([run.prompt_cache[p] for p in batch["prompts"]])
+        encoder_hidden_states = torch.stack([run.prompt_cache[p][0] for p in batch["prompts"]])
+        pooled = torch.stack([run.prompt_cache[p][1] for p in batch["prompts"]]) if m.is_sdxl else None
+    added = None
+    if m.is_sdxl:
+        added = {"text_embeds": pooled, "time_ids": time_ids(batch, config.resolution, run.device, encoder_hidden_states.dtype)}
     with run.accelerator.autocast():
-        model_pred = m.unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+        class_labels = timesteps if config.class_labels_conditioning == "timesteps" else None
+        model_pred = m.unet(noisy, timesteps, encoder_hidden_states, class_labels=class_labels, added_cond_kwargs=added,
+                            return_dict=False)[0]
     if m.noise_scheduler.config.prediction_type == "v_prediction":
         target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
     else:

@@ -29,10 +29,9 @@ class LatentCache(torch.utils.data.Dataset):
         with torch.no_grad():
             for index in range(len(dataset)):
                 example = dataset[index]
-                item = {"instance_prompt": example["instance_prompt"],
-                        "instance_latents": self._encode(vae, example["instance_pixel_values"], seed, index, 0, device, dtype)}
+                item = {k: v for k, v in example.items() if not k.endswith("_pixel_values")}
+                item["instance_latents"] = self._encode(vae, example["instance_pixel_values"], seed, index, 0, device, dtype)
                 if "class_pixel_values" in example:
-                    item["class_prompt"] = example["class_prompt"]
                     item["class_latents"] = self._encode(vae, example["class_pixel_values"], seed, index, 1, device, dtype)
                 self.items.append(item)
 
@@ -50,9 +49,9 @@ class LatentCache(torch.utils.data.Dataset):
 
 
 def collate_latents(examples: list[dict]) -> dict:
-    latents = [ex["instance_latents"] for ex in examples]
-    prompts = [ex["instance_prompt"] for ex in examples]
-    if "class_latents" in examples[0]:
-        latents += [ex["class_latents"] for ex in examples]
-        prompts += [ex["class_prompt"] for ex in examples]
-    return {"latents": torch.stack(latents), "prompts": prompts, "num_instance": len(examples)}
+    roles = ["instance", "class"] if "class_latents" in examples[0] else ["instance"]
+    return {"latents": torch.stack([ex[f"{role}_latents"] for role in roles for ex in examples]),
+            "prompts": [ex[f"{role}_prompt"] for role in roles for ex in examples],
+            "num_instance": len(examples),
+            "original_sizes": [ex[f"{role}_original_size"] for role in roles for ex in examples],
+            "crop_top_lefts": [ex[f"{role}_crop_top_left"] for role in roles for ex in examples]}

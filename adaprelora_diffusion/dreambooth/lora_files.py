@@ -110,8 +110,11 @@ def save_lora_weights(
     adapter_name: str = "default",
     weight_name: str = LORA_WEIGHT_NAME,
     dtype: torch.dtype | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> Path:
-    """Write the UNet (+ text encoder) LoRA as ``output_dir/weight_name`` in diffusers layout.
+    """Write the UNet (+ text encoders) LoRA as ``output_dir/weight_name`` in diffusers layout:
+    ``unet.``, ``text_encoder.`` and, for SDXL, ``text_encoder_2.`` keys with each adapter's config,
+    which ``StableDiffusion(XL)Pipeline.load_lora_weights`` loads.
 
     Tensors keep peft's own key names (``...to_q.lora_A.weight``), as diffusers' model-level
     ``save_lora_adapter`` writes them. ``convert_state_dict_to_diffusers`` is deliberately NOT
@@ -121,7 +124,7 @@ def save_lora_weights(
     """
     # The pipeline's LoRA mixin, not the pipeline: importing StableDiffusionPipeline pulls in image
     # processors (and transformers' torchvision notices) that saving never uses.
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -131,11 +134,14 @@ def save_lora_weights(
 
     unet_layers = _cast(_peft_state_dict(unet, adapter_name, "unet"), dtype)
     unet_meta = _metadata_without_local_paths(_lora_config(unet, adapter_name, "unet"))
-    te_layers = te_meta = None
-    if text_encoder is not None:
-        prefix = _text_encoder_prefix(text_encoder)
-        te_layers = {prefix + k: v for k, v in _cast(_peft_state_dict(text_encoder, adapter_name, "text_encoder"), dtype).items()}
-        te_meta = _metadata_without_local_paths(_lora_config(text_encoder, adapter_name, "text_encoder"))
+    text_parts = {}
+    for role, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None:
+            prefix = _text_encoder_prefix(model)
+            text_parts[f"{role}_lora_layers"] = {prefix + k: v for k, v in _cast(_peft_state_dict(model, adapter_name, role), dtype).items()}
+            text_parts[f"{role}_lora_adapter_metadata"] = _metadata_without_local_paths(_lora_config(model, adapter_name, role))
+    sdxl = text_encoder_2 is not None or is_sdxl_unet(unet)
+    mixin = StableDiffusionXLLoraLoaderMixin if sdxl else StableDiffusionLoraLoaderMixin
 
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / weight_name
@@ -145,14 +151,13 @@ def save_lora_weights(
         # target; we then move just the file.
         staging = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=output_dir))
         try:
-            StableDiffusionLoraLoaderMixin.save_lora_weights(
+            mixin.save_lora_weights(
                 save_directory=str(staging),
                 unet_lora_layers=unet_layers,
-                text_encoder_lora_layers=te_layers,
                 weight_name=weight_name,
                 safe_serialization=True,
                 unet_lora_adapter_metadata=unet_meta,
-                text_encoder_lora_adapter_metadata=te_meta,
+                **text_parts,
             )
             os.replace(staging / weight_name, tmp)
         finally:
@@ -164,6 +169,64 @@ def save_lora_weights(
 # --------------------------------------------------------------------------------------------
 # kohya layout
 # --------------------------------------------------------------------------------------------
+
+
+def is_sdxl_unet(unet: torch.nn.Module) -> bool:
+    """SDXL's UNet takes pooled text embeddings and size/crop conditioning ("text_time")."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+#: diffusers ResNet block layers -> the original (SGM) names
+_SGM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+               "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_SGM_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def _sgm_name(path: str, layers: int, up_has_attention: list[bool]) -> str:
+    """The original Stability (SGM) module path of a diffusers UNet module path.
+
+    Down block b's layer j is ``input_blocks[1 + b*(layers+1) + j]`` (``.0`` resnet, ``.1``
+    attention; the downsampler is the block's last entry, ``.0.op``); the middle block is
+    resnet, attention, resnet; up block b's layer j is ``output_blocks[b*(layers+1) + j]``
+    with the upsampler after the attention. The inverse of diffusers'
+    ``_maybe_map_sgm_blocks_to_diffusers``.
+    """
+    for top, sgm in _SGM_TOP.items():
+        if path == top or path.startswith(top + "."):
+            return sgm + path[len(top):]
+    parts = path.split(".")
+
+    def inner(rest: list[str], kind: str) -> list[str]:
+        if kind == "resnets" and rest and rest[0] in _SGM_RESNET:
+            return _SGM_RESNET[rest[0]].split(".") + rest[1:]
+        return rest
+
+    if parts[0] == "down_blocks":
+        b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":
+            return ".".join(["input_blocks", str(1 + b * (layers + 1) + layers), "0", "op"] + rest[1:])
+        return ".".join(["input_blocks", str(1 + b * (layers + 1) + j), "0" if kind == "resnets" else "1"] + inner(rest, kind))
+    if parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), parts[3:]
+        index = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[(kind, j)]
+        return ".".join(["middle_block", str(index)] + inner(rest, kind))
+    if parts[0] == "up_blocks":
+        b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "upsamplers":
+            return ".".join(["output_blocks", str(b * (layers + 1) + layers), "2" if up_has_attention[b] else "1"] + rest)
+        return ".".join(["output_blocks", str(b * (layers + 1) + j), "0" if kind == "resnets" else "1"] + inner(rest, kind))
+    return path
+
+
+def sgm_module_names(unet: torch.nn.Module, names) -> dict[str, str]:
+    """diffusers module path -> SGM module path, for the given modules of an SDXL-style UNet."""
+    layers = unet.config.layers_per_block
+    if not isinstance(layers, int):
+        raise ValueError("kohya SDXL names need one layers_per_block for every block; this UNet has several.")
+    up_has_attention = [getattr(block, "attentions", None) is not None for block in unet.up_blocks]
+    return {name: _sgm_name(name, layers, up_has_attention) for name in names}
 
 
 def _lora_modules(model: torch.nn.Module, adapter_name: str):
@@ -201,8 +264,15 @@ def save_kohya_lora(
     training_comment: str | None = None,
     base_model_version: str | None = None,
     dtype: torch.dtype | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> Path:
     """Write the LoRA as one kohya-style ``.safetensors`` file at ``path``.
+
+    SDXL (a UNet with text-time conditioning): UNet modules get the original SGM block names
+    (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``middle_block``,
+    ``output_blocks``) that kohya's SDXL trainer, A1111 and ComfyUI use, and the text encoders
+    ``lora_te1_`` / ``lora_te2_``; SD 1.x/2.x files keep diffusers-like ``down_blocks`` names and
+    ``lora_te_``, as kohya writes those.
 
     Keys are ``lora_unet_<module_path_with_underscores>.{lora_down.weight,lora_up.weight,alpha}``
     (``lora_te_text_model_...`` for the text encoder), conv LoRA stays 4-D, and ``ss_*`` metadata
@@ -222,9 +292,13 @@ def save_kohya_lora(
         if bad:
             raise ValueError(f"safetensors metadata must map str to str; convert these entries with str() or json.dumps(): {bad}.")
 
+    sdxl = text_encoder_2 is not None or is_sdxl_unet(unet)
     parts = [("unet", unet, "", "lora_unet_")]
     if text_encoder is not None:
-        parts.append(("text_encoder", text_encoder, _text_encoder_prefix(text_encoder), "lora_te_"))
+        parts.append(("text_encoder", text_encoder, _text_encoder_prefix(text_encoder), "lora_te1_" if sdxl else "lora_te_"))
+    if text_encoder_2 is not None:
+        parts.append(("text_encoder_2", text_encoder_2, _text_encoder_prefix(text_encoder_2), "lora_te2_"))
+    to_sgm = sgm_module_names(unet, [n for n, _ in _lora_modules(unet, adapter_name)]) if sdxl else {}
 
     peft_state: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
@@ -244,17 +318,23 @@ def save_kohya_lora(
             )
         configs[role] = config
         peft_state.update({f"{role}.{path_prefix}{k}": v for k, v in state.items()})
-        alphas.update({_kohya_name(kohya_prefix, path_prefix + name): a for name, a in kohya_alphas(model, adapter_name).items()})
+        alphas.update({_kohya_name(kohya_prefix, to_sgm.get(name, name) if role == "unet" else path_prefix + name): a
+                       for name, a in kohya_alphas(model, adapter_name).items()})
 
     # diffusers does the key renaming (lora_A/B -> lora_down/up, dots -> underscores) ...
     kohya = convert_state_dict_to_kohya(peft_state)
     tensors: dict[str, torch.Tensor] = {}
+    sgm_keys = {_kohya_name("lora_unet_", d): _kohya_name("lora_unet_", s) for d, s in to_sgm.items()}
     for key, value in kohya.items():
         # ... but writes SDXL's "lora_te1_" for the text encoder, where SD 1.x/2.x tools expect
-        # "lora_te_", and sets every alpha to the rank (scale 1), which would silently change the
-        # LoRA's strength whenever lora_alpha != r. Both are corrected here.
-        if key.startswith("lora_te1_"):
+        # "lora_te_", keeps diffusers' UNet names where SDXL tools expect SGM ones, and sets every
+        # alpha to the rank (scale 1), which would silently change the LoRA's strength whenever
+        # lora_alpha != r. All three are corrected here.
+        if key.startswith("lora_te1_") and not sdxl:
             key = "lora_te_" + key[len("lora_te1_"):]
+        module, _, suffix = key.partition(".")
+        if module in sgm_keys:
+            key = f"{sgm_keys[module]}.{suffix}"
         if key.endswith(".alpha"):
             module = key[: -len(".alpha")]
             if module not in alphas:
@@ -270,7 +350,7 @@ def save_kohya_lora(
     alpha_counts = Counter(alphas.values())
     conv_keys = [k for k, t in tensors.items() if k.endswith(".lora_down.weight") and t.ndim == 4 and t.shape[-1] > 1]
     if base_model_version is None:
-        base_model_version = "sd_v2" if getattr(unet.config, "cross_attention_dim", None) == 1024 else "sd_v1"
+        base_model_version = "sdxl_base_v1-0" if sdxl else "sd_v2" if getattr(unet.config, "cross_attention_dim", None) == 1024 else "sd_v1"
     meta = {
         "ss_network_module": KOHYA_NETWORK_MODULE,
         "ss_network_dim": str(ranks.most_common(1)[0][0]),
@@ -278,7 +358,7 @@ def save_kohya_lora(
         "ss_base_model_version": base_model_version,
         "ss_v2": str(base_model_version.startswith("sd_v2")),
         "ss_output_name": output_name if output_name is not None else path.stem,
-        "ss_network_train_unet_only": str(text_encoder is None),
+        "ss_network_train_unet_only": str(text_encoder is None and text_encoder_2 is None),
         "ss_network_train_text_encoder_only": "False",
     }
     if conv_keys:

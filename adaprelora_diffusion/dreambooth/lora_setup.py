@@ -44,13 +44,14 @@ def _add(attach: Callable[[LoraConfig], None], config: LoraConfig, what: str) ->
         ) from err
 
 
-def attach_lora(unet: nn.Module, text_encoder: nn.Module | None, config: TrainConfig) -> None:
-    """Add one LoRA adapter to the UNet (and the text encoder if trained); freeze the rest.
+def attach_lora(unet: nn.Module, text_encoders: nn.Module | list[nn.Module] | None, config: TrainConfig) -> None:
+    """Add one LoRA adapter to the UNet (and to every text encoder if they are trained: SDXL has
+    two); freeze the rest.
 
     B starts at zero (the standard init), so the model is unchanged until the first step; A
     is Gaussian, as in diffusers' DreamBooth LoRA script. The UNet gets its adapter through
-    diffusers' ``add_adapter``, the text encoder through peft directly (``add_text_encoder_lora``),
-    so neither goes through transformers' PEFT version check.
+    diffusers' ``add_adapter``, the text encoders through peft directly (``add_text_encoder_lora``),
+    so none goes through transformers' PEFT version check.
     """
     alpha = config.lora_alpha if config.lora_alpha is not None else config.rank
     common = dict(r=config.rank, lora_alpha=alpha, lora_dropout=config.lora_dropout, init_lora_weights="gaussian",
@@ -58,11 +59,13 @@ def attach_lora(unet: nn.Module, text_encoder: nn.Module | None, config: TrainCo
     unet.requires_grad_(False)
     # diffusers' PeftAdapterMixin.add_adapter checks diffusers' own minimum peft version, not transformers'.
     _add(unet.add_adapter, LoraConfig(target_modules=list(config.unet_targets()), **common), "UNet")
-    if text_encoder is not None:
+    if isinstance(text_encoders, nn.Module):
+        text_encoders = [text_encoders]
+    for i, text_encoder in enumerate(text_encoders or []):
         text_encoder.requires_grad_(False)
         if config.train_text_encoder:
-            _add(lambda c: add_text_encoder_lora(text_encoder, c), LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **common),
-                 "text encoder")
+            _add(lambda c, te=text_encoder: add_text_encoder_lora(te, c), LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **common),
+                 "text encoder" if i == 0 else f"text encoder {i + 1}")
 
 
 def trainable_parameters(*models: nn.Module | None) -> list[torch.nn.Parameter]:

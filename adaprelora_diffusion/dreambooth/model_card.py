@@ -114,7 +114,8 @@ def _py(text: str) -> str:
     return json.dumps(str(text), ensure_ascii=False)
 
 
-def _usage_snippet(base_model, kind: str, lora_folder: str, prompt: str) -> str:
+def _usage_snippet(base_model, kind: str, lora_folder: str, prompt: str, sdxl: bool = False) -> str:
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     if kind == "tiny":
         load = (
             "from adaprelora_diffusion.demo.tiny_pipeline import ensure_tiny_pipeline\n\n"
@@ -129,12 +130,12 @@ def _usage_snippet(base_model, kind: str, lora_folder: str, prompt: str) -> str:
         run = f"image = pipe({_py(prompt)}, num_inference_steps=25, height=64, width=64).images[0]"
     else:
         loader = "from_single_file" if kind == "single_file" else "from_pretrained"
-        load = f'pipe = StableDiffusionPipeline.{loader}({_py(base_model)}, torch_dtype=torch.float16).to("cuda")'
+        load = f'pipe = {pipeline}.{loader}({_py(base_model)}, torch_dtype=torch.float16).to("cuda")'
         run = f"image = pipe({_py(prompt)}, num_inference_steps=25).images[0]"
     return (
         "```python\n"
         "import torch\n"
-        "from diffusers import StableDiffusionPipeline\n\n"
+        f"from diffusers import {pipeline}\n\n"
         f"{load}\n"
         f"# this folder, or the Hub repo you upload it to\n"
         f"pipe.load_lora_weights({_py(lora_folder)}, weight_name={_py(LORA_WEIGHT_NAME)})\n"
@@ -143,7 +144,7 @@ def _usage_snippet(base_model, kind: str, lora_folder: str, prompt: str) -> str:
     )
 
 
-def _body(*, base_model, kind, lora_folder, instance_prompt, validation_prompt, optimizer, settings,
+def _body(*, base_model, kind, lora_folder, instance_prompt, validation_prompt, optimizer, settings, sdxl=False,
           image_links, train_text_encoder, kohya_link) -> str:
     parts = ["# DreamBooth LoRA for Stable Diffusion"]
     if kind == "tiny":
@@ -157,7 +158,7 @@ def _body(*, base_model, kind, lora_folder, instance_prompt, validation_prompt, 
         f"adaprelora-diffusion on {trained}{by}."
     )
     parts.append(f"## Trigger prompt\n\nUse {_code(instance_prompt)} in your prompt to bring in the trained subject.")
-    parts.append("## Use with diffusers\n\n" + _usage_snippet(base_model, kind, lora_folder, validation_prompt or instance_prompt))
+    parts.append("## Use with diffusers\n\n" + _usage_snippet(base_model, kind, lora_folder, validation_prompt or instance_prompt, sdxl))
     if kohya_link is not None:
         parts.append(
             f"## kohya / AUTOMATIC1111 / ComfyUI\n\n[{_code(kohya_link)}]({kohya_link}) holds the same LoRA in kohya's "
@@ -200,6 +201,7 @@ def build_model_card(
     sample_images: Sequence[str | os.PathLike] = (),
     train_text_encoder: bool = False,
     kohya_file: str | os.PathLike | None = None,
+    sdxl: bool = False,
 ):
     """The ``huggingface_hub.ModelCard`` that :func:`write_model_card` saves (see there)."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -217,11 +219,11 @@ def build_model_card(
         base_model=str(base_model) if kind == "hub" else None,
         library_name="diffusers",
         license=LICENSE,
-        tags=list(TAGS),
+        tags=list(TAGS) + (["stable-diffusion-xl"] if sdxl else []),
         instance_prompt=instance_prompt,
         widget=[{"text": shown_prompt, "output": {"url": link}} for link in image_links] or None,
     )
-    body = _body(
+    body = _body(sdxl=sdxl,
         base_model=base_model, kind=kind, lora_folder=output_dir.resolve().name, instance_prompt=instance_prompt,
         validation_prompt=validation_prompt, optimizer=optimizer, settings=settings, image_links=image_links,
         train_text_encoder=train_text_encoder, kohya_link=kohya_link,

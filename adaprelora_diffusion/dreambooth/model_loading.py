@@ -48,6 +48,16 @@ class SDComponents:
     source: str  # the folder, Hub id or checkpoint file that was loaded
     kind: str  # "folder", "hub" or "single_file"
     base_model_version: str | None = None  # kohya's ss_base_model_version, when the descriptor says
+    tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (CLIPTextModelWithProjection)
+    text_encoder_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 def default_model() -> str:
@@ -99,28 +109,45 @@ def check_pipeline_folder(path: str | os.PathLike) -> Path:
         model_index = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{index} is not valid JSON ({exc}): re-save the pipeline with save_pretrained.") from exc
-    if "text_encoder_2" in model_index or "transformer" in model_index:
-        raise ValueError(
-            f"{path} is a {model_index.get('_class_name', 'non-SD-1.x/2.x')} pipeline; this trainer supports "
-            f"Stable Diffusion 1.x/2.x (one CLIP text encoder and a UNet)."
-        )
+    check_model_index(model_index, str(path))
+    components = dict(REQUIRED_COMPONENTS)
+    if is_sdxl_index(model_index):
+        components.update(text_encoder_2="config.json", tokenizer_2=None)
     missing = []
-    for sub, marker in REQUIRED_COMPONENTS.items():
+    for sub, marker in components.items():
         folder = path / sub
-        if sub == "tokenizer":
+        if marker is None:  # a tokenizer
             if not (folder / "tokenizer.json").is_file() and not (
                 (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
             ):
-                missing.append("tokenizer/tokenizer.json (or tokenizer/vocab.json + merges.txt)")
+                missing.append(f"{sub}/tokenizer.json (or {sub}/vocab.json + merges.txt)")
         elif not (folder / marker).is_file():
             missing.append(f"{sub}/{marker}")
     if missing:
         raise ValueError(f"{path} is an incomplete diffusers pipeline folder: missing {', '.join(missing)} (expected {_PIPELINE_LAYOUT}).")
-    te_config = json.loads((path / "text_encoder" / "config.json").read_text(encoding="utf-8"))
-    archs = te_config.get("architectures") or []
-    if archs and archs[0] != "CLIPTextModel":
-        raise ValueError(f"{path}: text encoder is {archs[0]}, but SD 1.x/2.x LoRA training here expects a CLIPTextModel.")
+    expected = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+    for sub, arch in expected.items():
+        if sub not in components:
+            continue
+        archs = json.loads((path / sub / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+        if archs and archs[0] != arch:
+            raise ValueError(f"{path}: {sub} is {archs[0]}, but LoRA training here expects a {arch}.")
     return path
+
+
+def is_sdxl_index(model_index: dict) -> bool:
+    """An SDXL base pipeline: two text encoders (the refiner has only the second)."""
+    return bool(model_index.get("text_encoder_2")) and (model_index.get("text_encoder_2") or [None])[0] is not None
+
+
+def check_model_index(model_index: dict, source: str) -> None:
+    """Refuse pipelines this trainer cannot train, saying what it does train."""
+    name = model_index.get("_class_name", "unknown")
+    if "transformer" in model_index or "unet" not in model_index:
+        raise ValueError(f"{source} is a {name} pipeline (no UNet); this trainer supports Stable Diffusion 1.x/2.x and SDXL.")
+    if not (model_index.get("text_encoder") or [None])[0]:
+        raise ValueError(f"{source} is a {name} pipeline without the first text encoder (an SDXL refiner?); this trainer "
+                         "supports Stable Diffusion 1.x/2.x and the SDXL base model.")
 
 
 def resolve_model_source(pretrained_model_name_or_path: str | os.PathLike | None) -> tuple[str, str]:
@@ -277,11 +304,12 @@ def no_image_processor_fallback_notice():
         import_logger.removeFilter(notice_filter)
 
 
-def stable_diffusion_pipeline_class():
-    """diffusers' ``StableDiffusionPipeline``, imported without the torchvision fallback notices."""
+def stable_diffusion_pipeline_class(sdxl: bool = False):
+    """diffusers' ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` with ``sdxl``), imported
+    without the torchvision fallback notices."""
     with no_image_processor_fallback_notice():
-        from diffusers import StableDiffusionPipeline
-    return StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
 
 
 def load_pipeline_components(
@@ -289,6 +317,8 @@ def load_pipeline_components(
     revision: str | None = None,
     variant: str | None = None,
     single_file_config: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> SDComponents:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training.
 
@@ -301,7 +331,7 @@ def load_pipeline_components(
     checkpoint lacks weights is an error (``check_all_weights_loaded``), not a warning.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kind, source = resolve_model_source(pretrained_model_name_or_path)
     about = model_descriptor(source) if kind == "folder" else {}
@@ -316,34 +346,80 @@ def load_pipeline_components(
             kwargs["revision"] = revision
         check_single_file(source)
         try:
-            pipe = stable_diffusion_pipeline_class().from_single_file(source, **kwargs)
+            pipe = stable_diffusion_pipeline_class(sdxl=single_file_is_sdxl(source)).from_single_file(source, **kwargs)
         except Exception as exc:  # diffusers raises many types here (hub, conversion, safetensors errors)
             offline = "" if single_file_config else (
                 " Loading a single file needs the matching diffusers configs: without network access pass "
                 "single_file_config=<local diffusers SD folder of the same architecture>."
             )
             raise ValueError(f"Could not load the single-file checkpoint {source}: {type(exc).__name__}: {exc}.{offline}") from exc
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
         return SDComponents(
             tokenizer=check_tokenizer(pipe.tokenizer, pipe.text_encoder, source),
             text_encoder=pipe.text_encoder,
-            vae=pipe.vae,
+            vae=_load_vae(vae, revision) if vae else pipe.vae,
             unet=pipe.unet,
             noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
             source=source,
             kind=kind,
+            tokenizer_2=check_tokenizer(pipe.tokenizer_2, pipe.text_encoder_2, source) if sdxl else None,
+            text_encoder_2=pipe.text_encoder_2 if sdxl else None,
         )
 
     common = {"revision": revision}
     weights = {"revision": revision, "variant": variant}
-    tokenizer = _load("tokenizer", source, CLIPTokenizer.from_pretrained, source, subfolder="tokenizer", **common)
+    index = _load("model_index.json", source, read_model_index, source, **common)
+    check_model_index(index, source)
+    sdxl = is_sdxl_index(index)
+    tokenizer_source = tokenizer
+    if tokenizer_source is not None:  # --tokenizer_name
+        tokenizer = _load("tokenizer", str(tokenizer_source), CLIPTokenizer.from_pretrained, str(tokenizer_source), **common)
+    else:
+        tokenizer = _load("tokenizer", source, CLIPTokenizer.from_pretrained, source, subfolder="tokenizer", **common)
     text_encoder = _load_weights("text_encoder", source, CLIPTextModel, **weights)
+    tokenizer_2 = text_encoder_2 = None
+    if sdxl:
+        tokenizer_2 = _load("tokenizer_2", source, CLIPTokenizer.from_pretrained, source, subfolder="tokenizer_2", **common)
+        text_encoder_2 = _load_weights("text_encoder_2", source, CLIPTextModelWithProjection, **weights)
     return SDComponents(
         tokenizer=check_tokenizer(tokenizer, text_encoder, source),
         text_encoder=text_encoder,
-        vae=_load_weights("vae", source, AutoencoderKL, **weights),
+        vae=_load_vae(vae, revision) if vae else _load_weights("vae", source, AutoencoderKL, **weights),
         unet=_load_weights("unet", source, UNet2DConditionModel, **weights),
         noise_scheduler=_load("scheduler", source, DDPMScheduler.from_pretrained, source, subfolder="scheduler", **common),
         source=source,
         kind=kind,
         base_model_version=about.get("base_model_version"),
+        tokenizer_2=check_tokenizer(tokenizer_2, text_encoder_2, source) if sdxl else None,
+        text_encoder_2=text_encoder_2,
     )
+
+
+def read_model_index(source: str, revision: str | None = None) -> dict:
+    """The pipeline's model_index.json, from a folder or the Hub (it says which model family this is)."""
+    path = Path(source) / "model_index.json"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(source, "model_index.json", revision=revision))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _load_vae(vae: str | os.PathLike, revision: str | None):
+    """--pretrained_vae_model_name_or_path: a VAE folder or hub id (e.g. SDXL's fp16-safe VAE)."""
+    from diffusers import AutoencoderKL
+
+    source = str(vae)
+    model, info = _load("VAE", source, AutoencoderKL.from_pretrained, source, output_loading_info=True, revision=revision)
+    check_all_weights_loaded("vae", source, info)
+    return model
+
+
+def single_file_is_sdxl(path: str) -> bool:
+    """An SDXL single-file checkpoint carries its second text encoder under conditioner.embedders.1."""
+    if not (Path(path).is_file() and path.lower().endswith(".safetensors")):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as fh:
+        return any(k.startswith("conditioner.embedders.1.") for k in fh.keys())

@@ -17,9 +17,11 @@ bit-identically, and N processes with batch b draw the same noise as one process
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,7 +153,8 @@ def _set_up(config, progress, should_stop, on_step) -> Run:
                 logger.info("Removed partial files a killed run left in %s: %s", output_dir, ", ".join(stale))
         run = Run(config=config, output_dir=output_dir, accelerator=accelerator,
                   models=load_pipeline_components(config.pretrained_model_name_or_path, revision=config.revision,
-                                                  variant=config.variant),
+                                                  variant=config.variant, vae=config.pretrained_vae_model_name_or_path,
+                                                  tokenizer=config.tokenizer_name),
                   weight_dtype=weight_dtype, emit=progress or (lambda event: None), stop=should_stop or (lambda: False),
                   on_step=on_step, started=started, lock=lock)
         _attach_lora(run)
@@ -207,19 +210,32 @@ def check_output_dir(output_dir: Path, config: TrainConfig) -> None:
 def _attach_lora(run: Run) -> None:
     """LoRA on the UNet (and text encoder); frozen weights in the compute dtype, LoRA in float32."""
     config, m = run.config, run.models
+    if config.allow_tf32:
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        else:
+            logger.warning("--allow_tf32 has no effect: there is no CUDA device.")
+    if config.class_labels_conditioning and getattr(m.unet.config, "class_embed_type", None) is None:
+        raise TrainingError("--class_labels_conditioning needs a UNet with a class embedding (class_embed_type is None for "
+                            f"{m.source}): drop the flag.")
+    if config.enable_xformers_memory_efficient_attention:
+        m.unet.enable_xformers_memory_efficient_attention()
     if config.pretrained_model_name_or_path is None:
         logger.warning("No --pretrained_model_name_or_path: training the default model %s with its defaults.", m.source)
     m.vae.requires_grad_(False)
     set_seed(config.seed)  # the LoRA init (Gaussian A) draws from the global generators
-    attach_lora(m.unet, m.text_encoder, config)
-    for module in (m.unet, m.vae, m.text_encoder):
+    attach_lora(m.unet, m.text_encoders, config)
+    for module in (m.unet, m.vae, *m.text_encoders):
         module.to(run.device) if run.weight_dtype == torch.float32 else module.to(run.device, dtype=run.weight_dtype)
-    for p in trainable_parameters(m.unet, m.text_encoder):
+    if m.is_sdxl and config.mixed_precision == "fp16" and config.pretrained_vae_model_name_or_path is None:
+        m.vae.to(dtype=torch.float32)  # SDXL's original VAE overflows in fp16 (diffusers' SDXL script does the same)
+    for p in trainable_parameters(m.unet, *m.text_encoders):
         p.data = p.data.float()
     if config.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            m.text_encoder.gradient_checkpointing_enable()
+            for text_encoder in m.text_encoders:
+                text_encoder.gradient_checkpointing_enable()
 
 
 def _build_data(run: Run) -> None:
@@ -231,6 +247,7 @@ def _build_data(run: Run) -> None:
         random_flip=config.random_flip, repeats=config.repeats, class_data_root=class_dir,
         class_prompt=config.class_prompt if class_dir else None,
         max_class_images=config.num_class_images if class_dir else None, seed=config.seed,
+        interpolation=config.image_interpolation_mode,
     )
     train_set, collate = dataset, collate_fn
     if config.cache_latents:
@@ -242,6 +259,7 @@ def _build_data(run: Run) -> None:
                                       pad_to_multiple=config.train_batch_size * run.accelerator.num_processes)
     run.dataloader = torch.utils.data.DataLoader(train_set, batch_size=config.train_batch_size, sampler=run.sampler,
                                                  collate_fn=collate, num_workers=config.dataloader_num_workers)
+    _steps_from_epochs(run)
     _warn_long_prompts(dataset, m.tokenizer)
     if not config.train_text_encoder:  # frozen text encoder: each distinct prompt is encoded once
         prompts = {dataset.instance_prompt_for(r) for r in dataset.instance_images}
@@ -249,7 +267,25 @@ def _build_data(run: Run) -> None:
             prompts.add(dataset.class_prompt)
         with torch.no_grad():
             for prompt in sorted(prompts):
-                run.prompt_cache[prompt] = encode_prompts(m.text_encoder, m.tokenizer, [prompt], run.device)[0]
+                hidden, pooled = encode_prompts(m, [prompt], run.device, config.tokenizer_max_length,
+                                                config.text_encoder_use_attention_mask)
+                run.prompt_cache[prompt] = (hidden[0], pooled[0] if pooled is not None else None)
+
+
+def _steps_from_epochs(run: Run) -> None:
+    """--num_train_epochs / --validation_epochs in optimizer steps, now that the data is known."""
+    config = run.config
+    if config.num_train_epochs is None and config.validation_epochs is None:
+        return
+    batches = math.ceil(len(run.dataloader) / run.accelerator.num_processes)  # per process, as accelerate splits it
+    steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
+    changes = {}
+    if config.max_train_steps is None:
+        changes["max_train_steps"] = config.num_train_epochs * steps_per_epoch
+    if config.validation_epochs is not None:
+        changes["validation_steps"] = config.validation_epochs * steps_per_epoch
+    run.config = dataclasses.replace(config, **changes)
+    logger.info("%d optimizer steps per epoch: %s.", steps_per_epoch, ", ".join(f"--{k} {v}" for k, v in changes.items()))
 
 
 def _warn_long_prompts(dataset: DreamBoothDataset, tokenizer) -> None:
@@ -270,14 +306,15 @@ def _ensure_class_images(run: Run) -> str:
     config, m = run.config, run.models
 
     def base_pipeline():
-        from diffusers import StableDiffusionPipeline
+        from .validation import build_pipeline
 
-        return StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-                                       scheduler=m.noise_scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return build_pipeline(unet=m.unet, text_encoder=m.text_encoder, vae=m.vae, tokenizer=m.tokenizer,
+                              scheduler=m.noise_scheduler, text_encoder_2=m.text_encoder_2, tokenizer_2=m.tokenizer_2)
 
+    precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.prior_generation_precision or "")
+    autocast = torch.autocast(run.device.type, dtype=precision) if precision is not None else contextlib.nullcontext()
     if run.is_main:
-        with _adapters_disabled(m.unet, m.text_encoder):
+        with _adapters_disabled(m.unet, *m.text_encoders), autocast:
             ensure_class_images(config.class_data_dir, config.class_prompt, config.num_class_images,
                                 pipeline_factory=base_pipeline, seed=config.seed, resolution=config.resolution,
                                 batch_size=config.sample_batch_size)
@@ -295,23 +332,23 @@ def _build_optimizer(run: Run) -> None:
         lr *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
     models: list[Any] = [m.unet]
     if config.train_text_encoder:
-        models.append({"model": m.text_encoder, "lr": config.text_encoder_lr or lr})
-    optimizer = make_optimizer(config.optimizer, models, lr=lr, **optimizer_kwargs(config.optimizer, config.optimizer_settings()))
+        models += [{"model": te, "lr": config.text_encoder_lr or lr} for te in m.text_encoders]
+    name = "adamw8bit" if config.use_8bit_adam else config.optimizer
+    optimizer = make_optimizer(name, models, lr=lr, **optimizer_kwargs(name, config.optimizer_settings()))
     # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_train_steps * accelerator.num_processes,
                                  num_cycles=config.lr_num_cycles, power=config.lr_power)
-    if config.train_text_encoder:
-        m.unet, m.text_encoder, optimizer, run.dataloader, lr_scheduler = accelerator.prepare(
-            m.unet, m.text_encoder, optimizer, run.dataloader, lr_scheduler)
-        run.trained = [m.unet, m.text_encoder]
-    else:
-        m.unet, optimizer, run.dataloader, lr_scheduler = accelerator.prepare(m.unet, optimizer, run.dataloader, lr_scheduler)
-        run.trained = [m.unet]
+    roles = ["unet"] + (["text_encoder", "text_encoder_2"][: len(m.text_encoders)] if config.train_text_encoder else [])
+    prepared = accelerator.prepare(*[getattr(m, r) for r in roles], optimizer, run.dataloader, lr_scheduler)
+    for role, module in zip(roles, prepared):
+        setattr(m, role, module)
+    optimizer, run.dataloader, lr_scheduler = prepared[len(roles):]
+    run.trained = [getattr(m, r) for r in roles]
     run.optimizer, run.lr_scheduler = optimizer, lr_scheduler
-    run.params = {f"{tag}.{n}": p for tag, module in (("unet", m.unet), ("text_encoder", m.text_encoder))
-                  for n, p in accelerator.unwrap_model(module).named_parameters() if p.requires_grad}
+    run.params = {f"{tag}.{n}": p for tag in ("unet", "text_encoder", "text_encoder_2") if getattr(m, tag) is not None
+                  for n, p in accelerator.unwrap_model(getattr(m, tag)).named_parameters() if p.requires_grad}
 
 
 #: Settings a resumed run must share with its checkpoint: changing them makes a different run.
@@ -469,7 +506,8 @@ def _observe(run: Run, step: int) -> None:
     if run.on_step is not None and run.is_main:
         m, unwrap = run.models, run.accelerator.unwrap_model
         models = dict(unet=unwrap(m.unet), text_encoder=unwrap(m.text_encoder), vae=m.vae, tokenizer=m.tokenizer,
-                      noise_scheduler=m.noise_scheduler)
+                      noise_scheduler=m.noise_scheduler, text_encoder_2=unwrap(m.text_encoder_2) if m.is_sdxl else None,
+                      tokenizer_2=m.tokenizer_2)
         run.on_step(step, models, getattr(run.optimizer, "optimizer", run.optimizer))
 
 
@@ -512,6 +550,7 @@ def _validate(run: Run, step: int, final: bool = False) -> None:
     prompt = config.validation_prompt or config.instance_prompt
     images = generate_images(
         unet=accelerator.unwrap_model(m.unet), text_encoder=accelerator.unwrap_model(m.text_encoder), vae=m.vae,
+        text_encoder_2=accelerator.unwrap_model(m.text_encoder_2) if m.is_sdxl else None, tokenizer_2=m.tokenizer_2,
         tokenizer=m.tokenizer, scheduler_config=m.noise_scheduler.config, prompt=prompt,
         num_images=config.num_validation_images, seed=config.seed, resolution=config.resolution,
         num_inference_steps=config.num_validation_inference_steps, device=accelerator.device,
@@ -534,14 +573,15 @@ def _finish(run: Run) -> TrainResult:
     if run.is_main:
         raw_unet = accelerator.unwrap_model(m.unet)
         raw_te = accelerator.unwrap_model(m.text_encoder) if config.train_text_encoder else None
+        raw_te2 = accelerator.unwrap_model(m.text_encoder_2) if config.train_text_encoder and m.is_sdxl else None
         if not all(torch.isfinite(p).all() for p in run.params.values()):
             raise TrainingError("The LoRA weights are not finite; nothing was saved. Resume from the last checkpoint with a lower --learning_rate.")
         if run.stopped and not config.checkpointing_steps:
             _write_checkpoint(run)
         try:
-            lora_path = save_lora_weights(run.output_dir, raw_unet, raw_te)
+            lora_path = save_lora_weights(run.output_dir, raw_unet, raw_te, text_encoder_2=raw_te2)
             if config.output_kohya_format:
-                kohya_path = save_kohya_lora(run.output_dir / KOHYA_WEIGHT_NAME, raw_unet, raw_te,
+                kohya_path = save_kohya_lora(run.output_dir / KOHYA_WEIGHT_NAME, raw_unet, raw_te, text_encoder_2=raw_te2,
                                              output_name=run.output_dir.name, base_model_version=m.base_model_version)
         except Exception as err:  # a full disk (OSError, or torch/safetensors' own error types)
             raise TrainingError(_final_save_failed(run, err)) from err
@@ -549,6 +589,8 @@ def _finish(run: Run) -> TrainResult:
         _validate(run, state.global_step, final=True)
     if run.is_main:
         _write_card(run, kohya_path)
+        if config.push_to_hub:
+            _push_to_hub(run)
     accelerator.end_training()
     recent = run.recent_losses
     result = TrainResult(output_dir=run.output_dir, lora_path=lora_path, kohya_path=kohya_path, global_step=state.global_step,
@@ -574,10 +616,26 @@ def _final_save_failed(run: Run, err: Exception) -> str:
             kept = None
     if kept is not None:
         return (f"Could not write the LoRA weights to {run.output_dir} ({reason}). The trained state is kept in {kept}: "
-                f"free disk space, then export it with the same command plus --resume_from_checkpoint latest.")
+                f"fix that (a full disk: free space), then export it with the same command plus --resume_from_checkpoint latest.")
     older = f" The newest checkpoint is {newest[-1]}." if newest else ""
     return (f"Could not write the LoRA weights to {run.output_dir} ({reason}), nor a checkpoint of step "
             f"{run.state.global_step}.{older} Free disk space, then resume with --resume_from_checkpoint latest.")
+
+
+def _push_to_hub(run: Run) -> None:
+    """Upload the output folder (LoRA files, card, samples, config) with huggingface_hub."""
+    from huggingface_hub import create_repo, upload_folder
+
+    config = run.config
+    repo_id = config.hub_model_id or run.output_dir.name
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, token=config.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=run.output_dir, token=config.hub_token, commit_message="adaprelora-diffusion LoRA",
+                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*", "logs/**"])
+    except Exception as err:  # offline, no token, no permission: the hub libraries raise many types
+        raise TrainingError(f"Could not push {run.output_dir} to the Hub repo {repo_id} ({type(err).__name__}: {err}). The LoRA "
+                            f"is saved locally; upload it later with `hf upload {repo_id} {run.output_dir}`.") from err
+    logger.info("Pushed %s to https://huggingface.co/%s", run.output_dir, repo_id)
 
 
 def _write_card(run: Run, kohya_path: Path | None) -> None:
@@ -597,7 +655,7 @@ def _write_card(run: Run, kohya_path: Path | None) -> None:
     write_model_card(run.output_dir, base_model=run.models.source, instance_prompt=config.instance_prompt,
                      validation_prompt=config.validation_prompt or config.instance_prompt, optimizer=config.optimizer,
                      settings=settings, sample_images=samples, train_text_encoder=config.train_text_encoder,
-                     kohya_file=kohya_path)
+                     kohya_file=kohya_path, sdxl=run.models.is_sdxl)
 
 
 class _adapters_disabled:

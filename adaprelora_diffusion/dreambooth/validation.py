@@ -131,6 +131,20 @@ def _check_generation_args(prompt, num_images, seed, resolution, num_inference_s
     check_resolution(resolution)
 
 
+def build_pipeline(*, unet, text_encoder, vae, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None):
+    """A diffusers pipeline around in-memory modules: ``StableDiffusionXLPipeline`` when there is a
+    second text encoder, else ``StableDiffusionPipeline`` without a safety checker."""
+    from .model_loading import stable_diffusion_pipeline_class
+
+    if text_encoder_2 is not None:
+        return stable_diffusion_pipeline_class(sdxl=True)(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+            unet=unet, scheduler=scheduler)
+    return stable_diffusion_pipeline_class()(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+
+
 def generate_images(
     *,
     unet: torch.nn.Module,
@@ -147,6 +161,8 @@ def generate_images(
     device: str | torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
     batch_size: int = 1,
+    text_encoder_2: torch.nn.Module | None = None,
+    tokenizer_2=None,
 ) -> list[Image.Image]:
     """Generate ``num_images`` images of ``prompt`` with the in-memory (LoRA-carrying) modules.
 
@@ -157,26 +173,17 @@ def generate_images(
     ``torch.float16``) runs sampling under ``torch.autocast``, needed when the modules hold mixed
     dtypes (fp16 frozen weights with fp32 LoRA). Sampling runs on the modules' device.
     """
-    from .model_loading import stable_diffusion_pipeline_class
-
-    StableDiffusionPipeline = stable_diffusion_pipeline_class()
     _check_generation_args(prompt, num_images, seed, resolution, num_inference_steps)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     unet, text_encoder, vae = (_unwrap(m) for m in (unet, text_encoder, vae))
-    modules = (unet, text_encoder, vae)
+    text_encoder_2 = _unwrap(text_encoder_2) if text_encoder_2 is not None else None
+    modules = tuple(m for m in (unet, text_encoder, vae, text_encoder_2) if m is not None)
     device = _check_device(device, _module_device(modules))
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=make_sampling_scheduler(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = build_pipeline(unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+                          scheduler=make_sampling_scheduler(scheduler_config), text_encoder_2=text_encoder_2,
+                          tokenizer_2=tokenizer_2)
     pipe.set_progress_bar_config(disable=True)
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()

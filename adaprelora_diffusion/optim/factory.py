@@ -88,6 +88,15 @@ def _scaled_adamw(model: ModelSpec, lr: float, reg: float = 1e-2, **kwargs) -> O
     return optimizer
 
 
+def _adamw8bit(model: ModelSpec, lr: float, **kwargs) -> Optimizer:
+    """bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam): optimizer state in 8 bits, CUDA only."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("optimizer 'adamw8bit' needs bitsandbytes (CUDA GPUs): pip install bitsandbytes.")
+    import bitsandbytes as bnb
+
+    return _torch_style(bnb.optim.AdamW8bit)(model, lr, **kwargs)
+
+
 def _soap(model: ModelSpec, lr: float, **kwargs) -> Optimizer:
     if importlib.util.find_spec("pytorch_optimizer") is None:
         raise ValueError("optimizer 'soap' needs the optional extra: pip install 'adaprelora-diffusion[soap]'.")
@@ -104,6 +113,7 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "adafactor": _torch_style(torch.optim.Adafactor),
     "lorapro": lambda model, lr, **kw: LoRAPro.from_model(model, lr=lr, **kw),
     "soap": _soap,
+    "adamw8bit": _adamw8bit,
 }
 
 
@@ -140,6 +150,7 @@ OPTIMIZER_SETTINGS: dict[str, dict[str, str]] = {
     "lorapro": {"betas": "betas", "weight_decay": "weight_decay", "adam_epsilon": "adamw_eps",
                 "lorapro_damping": "damping"},
     "soap": _ADAM,
+    "adamw8bit": _ADAM,
 }
 
 

@@ -69,10 +69,12 @@ def test_default_model_is_the_shipped_pretrained_pipeline(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("optimizer", ["adaprelora", "adamw"])
-def test_resumed_run_is_bit_identical(tmp_path, optimizer):
+def test_resumed_run_is_bit_identical(tmp_path, optimizer, family_model):
     # 5 demo images, batch 2 -> 3 batches per epoch; accumulation 2 ends an epoch mid-window.
+    family, model = family_model
     common = dict(optimizer=optimizer, train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=5,
-                  random_flip=True, train_text_encoder=True, lora_dropout=0.1, lr_scheduler="cosine", lr_warmup_steps=1)
+                  random_flip=True, train_text_encoder=True, lora_dropout=0.1, lr_scheduler="cosine", lr_warmup_steps=1,
+                  pretrained_model_name_or_path=str(model), snr_gamma=5.0, noise_offset=0.05)
     straight = train(config(tmp_path / "a", **common))
 
     stops = iter([False, False, True])  # stop cooperatively after step 3
@@ -181,30 +183,34 @@ def test_an_output_folder_with_another_run_is_protected(tmp_path):
     train(config(tmp_path, max_train_steps=1, overwrite_output_dir=True))
 
 
-def test_saved_lora_reproduces_the_trained_models_images_in_diffusers(tmp_path):
-    """The final validation images (made by the in-memory model) come back from the saved files."""
+def test_saved_lora_reproduces_the_trained_models_images_in_diffusers(tmp_path, family_model):
+    """The final validation images (made by the in-memory model) come back from the saved files,
+    in both formats, through diffusers' own loader (SDXL: StableDiffusionXLPipeline, SGM kohya names)."""
     import numpy as np
-    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from adaprelora_diffusion.demo.tiny_pipeline import ensure_tiny_pipeline
+    from adaprelora_diffusion.dreambooth.model_loading import stable_diffusion_pipeline_class
     from adaprelora_diffusion.dreambooth.validation import generate_images
 
+    family, base = family_model
     cfg = config(tmp_path, num_validation_images=2, validation_steps=0, output_kohya_format=True, train_text_encoder=True,
-                 rank=4, lora_alpha=8, learning_rate=1e-2, optimizer="adamw")
+                 rank=4, lora_alpha=8, learning_rate=1e-2, optimizer="adamw", pretrained_model_name_or_path=str(base))
     result = train(cfg)
     final = sorted((result.output_dir / "validation" / f"step-{result.global_step:06d}").glob("*.png"))
     trained = [np.asarray(Image.open(p), dtype=np.int16) for p in final]
-    base = ensure_tiny_pipeline()
+    pipeline_class = stable_diffusion_pipeline_class(sdxl=family == "sdxl")
+
+    def sample(pipe):
+        return generate_images(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=pipe.vae, tokenizer=pipe.tokenizer,
+                               scheduler_config=pipe.scheduler.config, prompt="a photo of sks robot toy", num_images=2,
+                               seed=0, resolution=64, num_inference_steps=4, text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                               tokenizer_2=getattr(pipe, "tokenizer_2", None))
+
     for weight_name in ("pytorch_lora_weights.safetensors", training.KOHYA_WEIGHT_NAME):
-        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
-        before = generate_images(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=pipe.vae, tokenizer=pipe.tokenizer,
-                                 scheduler_config=pipe.scheduler.config, prompt=cfg.instance_prompt or "a photo of sks robot toy",
-                                 num_images=2, seed=0, resolution=64, num_inference_steps=4)
+        pipe = pipeline_class.from_pretrained(base)
+        before = sample(pipe)
         pipe.load_lora_weights(result.output_dir, weight_name=weight_name)
-        after = generate_images(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=pipe.vae, tokenizer=pipe.tokenizer,
-                                scheduler_config=pipe.scheduler.config, prompt="a photo of sks robot toy", num_images=2,
-                                seed=0, resolution=64, num_inference_steps=4)
+        after = sample(pipe)
         for img, ref, plain in zip(after, trained, before):
             got = np.asarray(img, dtype=np.int16)
             assert np.abs(got - ref).max() <= 2, weight_name  # PNG rounding of the same float image
@@ -270,13 +276,17 @@ def test_tensorboard_logs_loss_and_images(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["adaprelora", "adamw", "loraplus", "scaled_adamw", "adafactor", "lorapro", "soap"])
-def test_every_optimizer_trains_through_the_loop(tmp_path, optimizer):
+def test_every_optimizer_trains_through_the_loop(tmp_path, optimizer, family_model):
     if optimizer == "soap":
         pytest.importorskip("pytorch_optimizer")
-    result = train(config(tmp_path, optimizer=optimizer, max_train_steps=2, train_text_encoder=True))
+    family, model = family_model
+    result = train(config(tmp_path, optimizer=optimizer, max_train_steps=2, train_text_encoder=True,
+                          pretrained_model_name_or_path=str(model)))
     weights = lora(result)
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert any("lora_B" in k and t.abs().sum() > 0 for k, t in weights.items())
+    roles = {k.split(".")[0] for k in weights}
+    assert roles == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl" else {"unet", "text_encoder"})
 
 
 def test_checkpoint_limit_and_resume_from_an_explicit_path(tmp_path):

@@ -6,13 +6,17 @@ from adaprelora_diffusion.optim import OPTIMIZERS, AdaPreLoRA, LoRAPro, make_opt
 
 from .conftest import loss_fn, make_toy, toy_batches
 
-LRS = {"adaprelora": 0.02, "adamw": 1e-2, "loraplus": 2e-3, "scaled_adamw": 1e-2, "adafactor": 1e-2, "lorapro": 0.5, "soap": 1e-2}
+LRS = {"adamw8bit": 1e-2, "adaprelora": 0.02, "adamw": 1e-2, "loraplus": 2e-3, "scaled_adamw": 1e-2, "adafactor": 1e-2, "lorapro": 0.5, "soap": 1e-2}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_trains_the_lora_and_the_head(name):
     if name == "soap":
         pytest.importorskip("pytorch_optimizer")
+    if name == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+        if not torch.cuda.is_available():
+            pytest.skip("bitsandbytes' 8-bit AdamW needs a CUDA GPU")
     model = make_toy(dtype=torch.float32, random_b=False)
     batch = toy_batches(1, dtype=torch.float32)[0]
     head_before = model.head.weight.detach().clone()
@@ -94,6 +98,18 @@ def test_every_optimizer_accepts_what_the_trainer_passes():
     for name in OPTIMIZERS:
         if name == "soap":
             pytest.importorskip("pytorch_optimizer")
+        if name == "adamw8bit":
+            continue  # bitsandbytes (CUDA): test_adamw8bit_without_bitsandbytes_is_a_clear_error
         opt = make_optimizer(name, model, lr=1e-3, **optimizer_kwargs(name, TrainConfig(optimizer=name).optimizer_settings()))
         if hasattr(opt, "close"):
             opt.close()
+
+
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    model = make_toy(dtype=torch.float32, random_b=False)
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        make_optimizer("adamw8bit", model, lr=1e-3)
