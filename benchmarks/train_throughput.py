@@ -5,11 +5,15 @@ its step events, after a warm-up, in one subprocess per optimizer so peak memory
 
     python benchmarks/train_throughput.py                                # CPU, tiny model
     python benchmarks/train_throughput.py --model sd15 --device cuda --mixed_precision bf16
+    python benchmarks/train_throughput.py --model sdxl --device cuda --mixed_precision bf16 --rank 16 \
+        --resolution 1024 [--gradient_checkpointing]
 
-`--model sd15` builds the real Stable Diffusion 1.5 architecture (UNet, VAE and a CLIP ViT-L/14
-sized text encoder) from configs with random weights, cached as a pipeline folder: nothing is
-downloaded. Its tokenizer is the project's small byte-level one, which changes nothing about
-the cost of the UNet step.
+`--model sd15` / `sdxl` build the real Stable Diffusion 1.5 / SDXL 1.0 architectures (UNet, VAE,
+CLIP ViT-L/14 and, for SDXL, OpenCLIP bigG text encoders) from configs with random weights, cached
+as pipeline folders: nothing is downloaded. Their tokenizer is the project's small byte-level
+one, which changes nothing about the cost of a step. `tiny` and `tiny-sdxl` are the tests'
+random tiny pipelines. Every model trains on the demo subject. A run that fails is reported and
+the script exits with status 1.
 """
 
 from __future__ import annotations
@@ -38,33 +42,39 @@ CONFIGS = {
 }
 
 
-def build_sd15_pipeline(folder: Path) -> Path:
-    """The SD 1.5 architecture with random weights, saved once as a diffusers pipeline folder."""
+def build_reference_pipeline(folder: Path, family: str) -> Path:
+    """The SD 1.5 or SDXL 1.0 architecture with random weights, saved once as a diffusers pipeline folder."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from benchmarks.reference_configs import SD15_UNET_CONFIG
     from adaprelora_diffusion.demo.tiny_pipeline import write_tokenizer_files
+    from adaprelora_diffusion.dreambooth.model_loading import stable_diffusion_pipeline_class
+    from adaprelora_diffusion.engine.atomic import staged_dir
+    from benchmarks.reference_configs import CLIP_BIGG_TEXT_CONFIG, CLIP_L_TEXT_CONFIG, SD15_UNET_CONFIG, SDXL_UNET_CONFIG
 
     if (folder / "model_index.json").is_file():
         return folder
     torch.manual_seed(0)
     tok_dir = write_tokenizer_files(Path(tempfile.mkdtemp()))
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                                hidden_act="quick_gelu"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **CLIP_L_TEXT_CONFIG))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, sample_size=512)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+                        layers_per_block=2, sample_size=1024 if family == "sdxl" else 512,
+                        scaling_factor=0.13025 if family == "sdxl" else 0.18215)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = folder.with_name(folder.name + ".tmp")
-    pipe.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    if family == "sdxl":
+        pipe = stable_diffusion_pipeline_class(sdxl=True)(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=UNet2DConditionModel(**SDXL_UNET_CONFIG),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tokenizer), **CLIP_BIGG_TEXT_CONFIG)),
+            tokenizer_2=tokenizer, scheduler=scheduler)
+    else:
+        pipe = stable_diffusion_pipeline_class()(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                                 unet=UNet2DConditionModel(**SD15_UNET_CONFIG), scheduler=scheduler,
+                                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with staged_dir(folder) as tmp:
+        pipe.save_pretrained(tmp)
     return folder
 
 
@@ -75,19 +85,22 @@ def worker(args) -> None:
     from adaprelora_diffusion.dreambooth.config import TrainConfig
     from adaprelora_diffusion.dreambooth.trainer import train
 
+    from adaprelora_diffusion.demo.descriptor import DEMO_INSTANCE_PROMPT, DEMO_SUBJECT_DIR
+
     name, extra = CONFIGS[args.worker]
-    if args.model == "sd15":
-        model = str(build_sd15_pipeline(Path(args.cache) / "sd15-random"))
-    else:  # the random-weight tiny pipeline, named explicitly (the no-model default is the pretrained one)
+    if args.model in ("sd15", "sdxl"):
+        model = str(build_reference_pipeline(Path(args.cache) / f"{args.model}-random", args.model))
+    else:  # the random-weight tiny pipelines, named explicitly (the no-model default is the pretrained one)
         from adaprelora_diffusion.demo.tiny_pipeline import ensure_tiny_pipeline
 
-        model = str(ensure_tiny_pipeline())
+        model = str(ensure_tiny_pipeline(family="sdxl" if args.model == "tiny-sdxl" else "sd"))
     stamps: list[float] = []
     out = tempfile.mkdtemp()
     config = TrainConfig(pretrained_model_name_or_path=model, output_dir=out, optimizer=name, report_to="none",
                          num_validation_images=0, max_train_steps=args.warmup + args.steps, rank=args.rank,
                          resolution=args.resolution, mixed_precision=args.mixed_precision, checkpointing_steps=None,
-                         cpu=args.device == "cpu", seed=0, **extra)
+                         cpu=args.device == "cpu", seed=0, instance_data_dir=str(DEMO_SUBJECT_DIR),
+                         instance_prompt=DEMO_INSTANCE_PROMPT, gradient_checkpointing=args.gradient_checkpointing, **extra)
     if torch.cuda.is_available() and args.device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     train(config, progress=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None)
@@ -111,7 +124,8 @@ def device_name(device: str) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "tiny-sdxl", "sd15", "sdxl"], default="tiny")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny) or 512 (sd15)")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
@@ -124,24 +138,26 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.resolution is None:
-        args.resolution = 512 if args.model == "sd15" else 64
+        args.resolution = {"sd15": 512, "sdxl": 1024}.get(args.model, 64)
     if args.worker:
         return worker(args)
 
-    results = []
+    results, failed = [], []
     for opt in args.optimizers:
         cmd = [sys.executable, __file__, "--worker", opt, *[a for a in (argv if argv is not None else sys.argv[1:])
                                                            if a not in args.optimizers and a != "--optimizers"]]
         done = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
-            print(f"{opt}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            print(f"{opt}: failed (exit {done.returncode})\n{done.stderr[-2000:]}", file=sys.stderr)
+            failed.append(opt)
             continue
         results.append(json.loads(line[len("RESULT "):]))
         print(f"  measured {opt}", file=sys.stderr, flush=True)
     base = next((r for r in results if r["optimizer"] == "adamw"), None)
     print(f"training loop, {args.model} model at {args.resolution}px, rank {args.rank}, batch 1, mixed precision "
-          f"{args.mixed_precision}; {args.steps} steps after {args.warmup} warm-up\ndevice: {device_name(args.device)}\n")
+          f"{args.mixed_precision}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+          f"{args.steps} steps after {args.warmup} warm-up\ndevice: {device_name(args.device)}\n")
     print("| optimizer | steps/s | step time x AdamW | peak memory MiB |")
     print("|---|---:|---:|---:|")
     for r in results:
@@ -150,8 +166,10 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps({"device": device_name(args.device), "args": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=2, default=str))
-    return results
+    if failed:
+        print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
+    return results, failed
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()[1] else 0)
