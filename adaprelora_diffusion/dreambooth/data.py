@@ -440,7 +440,7 @@ def collate_fn(examples: list[dict], tokenizer=None) -> dict:
     }
     if tokenizer is not None:
         batch["input_ids"] = tokenizer(
-            prompts,
+            batch["prompts"],
             padding="max_length",
             truncation=True,
             max_length=tokenizer.model_max_length,

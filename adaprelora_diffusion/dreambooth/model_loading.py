@@ -368,7 +368,7 @@ def load_pipeline_components(
 
     common = {"revision": revision}
     weights = {"revision": revision, "variant": variant}
-    index = _load("model_index.json", source, read_model_index, source, **common)
+    index = _load("model_index", source, read_model_index, source, **common)
     check_model_index(index, source)
     sdxl = is_sdxl_index(index)
     tokenizer_source = tokenizer
@@ -413,6 +413,14 @@ def _load_vae(vae: str | os.PathLike, revision: str | None):
     model, info = _load("VAE", source, AutoencoderKL.from_pretrained, source, output_loading_info=True, revision=revision)
     check_all_weights_loaded("vae", source, info)
     return model
+
+
+def source_is_sdxl(pretrained_model_name_or_path: str | os.PathLike | None, revision: str | None = None) -> bool:
+    """Whether the model is SDXL, read from its index (or single-file keys) before loading it."""
+    kind, source = resolve_model_source(pretrained_model_name_or_path)
+    if kind == "single_file":
+        return single_file_is_sdxl(source)
+    return is_sdxl_index(_load("model_index", source, read_model_index, source, revision=revision))
 
 
 def single_file_is_sdxl(path: str) -> bool:

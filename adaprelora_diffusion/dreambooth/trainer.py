@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..engine.accelerator import check_ranks_in_sync, fresh_accelerator_state, let_collectives_settle
@@ -48,7 +48,7 @@ from .diffusion_loss import encode_prompts, micro_batch_loss
 from .latent_cache import LatentCache, collate_latents
 from .lora_files import LORA_WEIGHT_NAME, save_kohya_lora, save_lora_weights
 from .lora_setup import attach_lora, trainable_parameters
-from .model_loading import SDComponents, load_pipeline_components, model_defaults, resolve_model_source
+from .model_loading import SDComponents, load_pipeline_components, model_defaults, resolve_model_source, source_is_sdxl
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +137,16 @@ def _set_up(config, progress, should_stop, on_step) -> Run:
     started = time.perf_counter()
     config, output_dir, resume_path = _resolve(config)
     fresh_accelerator_state()
+    # SDXL conditions on the first text encoder's penultimate layer: its last layer's LoRA gets no
+    # gradient, which DDP must be told about (diffusers' SDXL scripts do the same).
+    unused = config.train_text_encoder and source_is_sdxl(config.pretrained_model_name_or_path, config.revision)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
         cpu=config.cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else None,
     )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     lock = OutputLock(output_dir).acquire() if accelerator.is_main_process else None  # before anything is written
@@ -506,8 +510,9 @@ def _observe(run: Run, step: int) -> None:
     if run.on_step is not None and run.is_main:
         m, unwrap = run.models, run.accelerator.unwrap_model
         models = dict(unet=unwrap(m.unet), text_encoder=unwrap(m.text_encoder), vae=m.vae, tokenizer=m.tokenizer,
-                      noise_scheduler=m.noise_scheduler, text_encoder_2=unwrap(m.text_encoder_2) if m.is_sdxl else None,
-                      tokenizer_2=m.tokenizer_2)
+                      noise_scheduler=m.noise_scheduler)
+        if m.is_sdxl:
+            models.update(text_encoder_2=unwrap(m.text_encoder_2), tokenizer_2=m.tokenizer_2)
         run.on_step(step, models, getattr(run.optimizer, "optimizer", run.optimizer))
 
 

@@ -125,7 +125,9 @@ class HookStatistics:
         return self._sketches[index]
 
     @torch.no_grad()
-    def _accumulate(self, index: int, x: Tensor, h: Tensor, grad_z: Tensor) -> None:
+    def _accumulate(self, index: int, x: Tensor, h: Tensor, grad_z: Tensor | None) -> None:
+        if grad_z is None:  # the output reached no loss (DDP's find_unused_parameters hands such hooks None)
+            return
         pair = self.pairs[index]
         m, n, r = pair.shape
         dtype = torch.promote_types(grad_z.dtype, torch.float32)  # at least float32, float64 stays

@@ -99,14 +99,22 @@ def test_incomplete_folder_names_missing_parts(tmp_path, tiny_pipeline_dir):
         load_pipeline_components(folder)
 
 
-def test_sdxl_and_non_clip_folders_are_refused(tmp_path, tiny_pipeline_dir):
+def test_incomplete_sdxl_transformer_and_non_clip_folders_are_refused(tmp_path, tiny_pipeline_dir):
     sdxl = copy_pipeline(tiny_pipeline_dir, tmp_path / "sdxl")
     index = json.loads((sdxl / "model_index.json").read_text())
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     index["_class_name"] = "StableDiffusionXLPipeline"
     (sdxl / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="StableDiffusionXLPipeline pipeline; this trainer supports Stable Diffusion 1.x/2.x"):
+    with pytest.raises(ValueError, match="missing text_encoder_2/config.json, tokenizer_2/tokenizer.json"):
         load_pipeline_components(sdxl)
+
+    dit = copy_pipeline(tiny_pipeline_dir, tmp_path / "dit")
+    index = json.loads((dit / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    index["_class_name"] = "StableDiffusion3Pipeline"
+    (dit / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="StableDiffusion3Pipeline pipeline .no UNet.; this trainer supports Stable Diffusion 1.x/2.x and SDXL"):
+        load_pipeline_components(dit)
 
     other = copy_pipeline(tiny_pipeline_dir, tmp_path / "t5")
     cfg = json.loads((other / "text_encoder" / "config.json").read_text())
@@ -152,6 +160,10 @@ def _redirect_loaders(monkeypatch, folder, calls, overrides=None):
             return _real(klass, str(folder), subfolder=kw["subfolder"], **extra)
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    from adaprelora_diffusion.dreambooth import model_loading
+
+    real_index = model_loading.read_model_index
+    monkeypatch.setattr(model_loading, "read_model_index", lambda name, **kw: real_index(str(folder)))
 
 
 def test_hub_id_goes_through_from_pretrained_per_subfolder(tiny_pipeline_dir, monkeypatch):
