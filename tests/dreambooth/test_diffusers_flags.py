@@ -10,6 +10,8 @@ from adaprelora_diffusion.demo import pretrained_tiny
 from adaprelora_diffusion.dreambooth.config import TrainConfig, build_parser, parse_config
 from adaprelora_diffusion.dreambooth.trainer import TrainingError, train
 
+from .runs import config, tiny_default  # noqa: F401 (a fixture)
+
 #: the flags of diffusers' examples/dreambooth/train_dreambooth_lora.py (and --image_interpolation_mode of its newer scripts)
 DIFFUSERS_FLAGS = """pretrained_model_name_or_path revision variant tokenizer_name instance_data_dir class_data_dir instance_prompt
 class_prompt validation_prompt num_validation_images validation_epochs with_prior_preservation prior_loss_weight
@@ -22,16 +24,7 @@ enable_xformers_memory_efficient_attention pre_compute_text_embeddings tokenizer
 text_encoder_use_attention_mask validation_images class_labels_conditioning rank image_interpolation_mode""".split()
 
 
-@pytest.fixture(autouse=True)
-def tiny_default(tiny_pipeline_dir, monkeypatch):
-    monkeypatch.setenv("ADAPRELORA_CACHE", str(tiny_pipeline_dir.parent))
-    monkeypatch.setattr(pretrained_tiny, "default_pretrained_pipeline", lambda cache_dir=None: tiny_pipeline_dir)
-
-
-def config(tmp_path, **overrides) -> TrainConfig:
-    base = dict(output_dir=str(tmp_path / "out"), report_to="none", num_validation_images=0, max_train_steps=2)
-    base.update(overrides)
-    return TrainConfig(**base)
+pytestmark = pytest.mark.usefixtures("tiny_default")
 
 
 def test_every_diffusers_flag_is_a_flag_here():

@@ -20,18 +20,10 @@ from adaprelora_diffusion.dreambooth.data import DataWarning
 from adaprelora_diffusion.dreambooth.trainer import TrainingError, train
 from adaprelora_diffusion.engine.checkpoints import list_checkpoints, verify_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def tiny_default(tiny_pipeline_dir, monkeypatch):
-    monkeypatch.setenv("ADAPRELORA_CACHE", str(tiny_pipeline_dir.parent))
-    monkeypatch.setattr(pretrained_tiny, "default_pretrained_pipeline", lambda cache_dir=None: tiny_pipeline_dir)
+from .runs import config, tiny_default  # noqa: F401 (a fixture)
 
 
-def config(tmp_path, **overrides) -> TrainConfig:
-    base = dict(output_dir=str(tmp_path / "out"), report_to="none", num_validation_images=0, max_train_steps=4,
-                checkpointing_steps=None)
-    base.update(overrides)
-    return TrainConfig(**base)
+pytestmark = pytest.mark.usefixtures("tiny_default")
 
 
 def png_bomb(path, side=30000):

@@ -15,23 +15,13 @@ from adaprelora_diffusion.dreambooth import diffusion_loss
 from adaprelora_diffusion.dreambooth.config import TrainConfig
 from adaprelora_diffusion.dreambooth.trainer import TrainingError, train
 
+from .runs import config, tiny_default  # noqa: F401 (a fixture)
+
 
 SHIPPED_DEFAULT = pretrained_tiny.default_pretrained_pipeline
 
 
-@pytest.fixture(autouse=True)
-def tiny_default(tiny_pipeline_dir, monkeypatch):
-    """The no-model default resolves to the session's random tiny pipeline (fast; the numbers
-    below were set on it), never ~/.cache. test_default_model_* checks the real default."""
-    monkeypatch.setenv("ADAPRELORA_CACHE", str(tiny_pipeline_dir.parent))
-    monkeypatch.setattr(pretrained_tiny, "default_pretrained_pipeline", lambda cache_dir=None: tiny_pipeline_dir)
-
-
-def config(tmp_path, **overrides) -> TrainConfig:
-    base = dict(output_dir=str(tmp_path / "out"), report_to="none", num_validation_images=0, max_train_steps=4,
-                checkpointing_steps=None)
-    base.update(overrides)
-    return TrainConfig(**base)
+pytestmark = pytest.mark.usefixtures("tiny_default")
 
 
 def lora(result) -> dict:
