@@ -81,7 +81,8 @@ for name in ["torch", "diffusers", "transformers", "peft", "accelerate", "safete
 EOF
 pip check || echo "check_latest: pip check reports conflicts (above); running the tests anyway"
 if [[ -n "${FREEZE_TO:-}" ]]; then
-    pip freeze --exclude-editable > "$FREEZE_TO"
+    # torch's local label (+cpu) is dropped so the file also fits a machine with a CUDA build.
+    pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' > "$FREEZE_TO"
     echo "== pip freeze written to $FREEZE_TO"
 fi
 
