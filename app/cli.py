@@ -53,7 +53,13 @@ def launch(args: argparse.Namespace, block: bool = True):
     """Build the workspace, the queue and the page, and serve it (Gradio's server, queue, auth and file serving)."""
     from .workspace import Workspace
 
+    from .errors import AppError
+
     ws = Workspace.open(args.workspace)
+    try:
+        app_lock = ws.hold_app_lock()  # kept open (and locked) until the process ends
+    except AppError as err:
+        raise SystemExit(f"error: {err}") from None
     # Gradio keeps uploads in its temp folder: inside the workspace, so photos never land elsewhere.
     os.environ["GRADIO_TEMP_DIR"] = str(ws.gradio_dir)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -68,6 +74,7 @@ def launch(args: argparse.Namespace, block: bool = True):
     service = JobService(ws, model_dirs, UploadLimits(args.max_file_mb, args.max_upload_mb, args.max_files), scheduler)
     scheduler.start()
     demo = build_ui(service)
+    demo.app_lock = app_lock
     demo.queue(default_concurrency_limit=1)
     print(f"Workspace: {ws.root}" + (f"; login on for {len(auth)} user(s)" if auth else ""), flush=True)
     return demo.launch(

@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     final, error = _train(job_dir)
     jobs.update_state(job_dir, state=final, error=error, finished_at=time.time())
     os.close(lock_fd)  # after the final state is on disk: a free lock with "running" means a dead worker
+    ws = Workspace(job_dir.parent.parent)
     try:
-        start_next(Workspace(job_dir.parent.parent))  # the queue drains even while the app is down
+        if not ws.app_alive():  # a live app starts the next job itself (and, as its parent, sees how it ends)
+            start_next(ws)  # the queue drains even while the app is down
     except Exception:
         logger.exception("Could not start the next queued job")
     return 0 if final != "failed" else 1

@@ -116,6 +116,16 @@ def launch(tmp_path, tiny_model_dir):
         kill_workers(workspace)
 
 
+@pytest.fixture(scope="session")
+def shared_app(tmp_path_factory, tiny_model_dir):
+    """One app for the tests that need no login and no restart (jobs queue one after another)."""
+    root = tmp_path_factory.mktemp("shared")
+    app = RunningApp(root / "workspace", tiny_model_dir, "--max-file-mb", "2", "--max-upload-mb", "5").start()
+    yield app
+    app.kill()
+    kill_workers(app.workspace)
+
+
 def demo_images() -> list[Path]:
     return sorted(DEMO_SUBJECT.glob("*.png"))
 

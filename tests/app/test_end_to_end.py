@@ -19,8 +19,8 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-def test_upload_train_sample_download_and_the_lora_works_in_diffusers(launch, tiny_model_dir, tmp_path):
-    app = launch()
+def test_upload_train_sample_download_and_the_lora_works_in_diffusers(shared_app, tiny_model_dir, tmp_path):
+    app = shared_app
     client = app.client()
     captions = {"bolt_02_wave.png": "a photo of sks robot toy waving"}
     job_id = client.predict([gradio_client.handle_file(p) for p in demo_images()],
@@ -29,7 +29,7 @@ def test_upload_train_sample_download_and_the_lora_works_in_diffusers(launch, ti
     status = wait_for(client, job_id)
     assert status["state"] == "done", status
     assert status["step"] == status["max_steps"] == 8 and status["error"] is None and status["loss"] is not None
-    assert [j["job_id"] for j in client.predict(api_name="/list_jobs")] == [job_id]
+    assert job_id in [j["job_id"] for j in client.predict(api_name="/list_jobs")]
     uploads = app.workspace / "jobs" / job_id / "uploads"
     assert (uploads / "002_bolt_02_wave.txt").read_text() == captions["bolt_02_wave.png"]  # the caption reached the trainer
     assert not list((app.workspace / ".gradio").rglob("bolt_0*.png")), "Gradio's copies of the photos were not removed"
