@@ -79,8 +79,9 @@ def resolve_model(value: object, model_dirs: Sequence[Path]) -> str | None:
         raise AppError(f"settings['pretrained_model_name_or_path'] must be a string, got {type(value).__name__}.")
     raw = value.strip()
     local = _inside(raw, model_dirs)
-    if local is None:
-        if _HUB_ID.match(raw) and not raw.startswith((".", "~", "/")) and ".." not in raw:
+    hub_like = bool(_HUB_ID.match(raw)) and not raw.startswith((".", "~", "/")) and ".." not in raw
+    if local is None or (hub_like and not local.exists()):
+        if hub_like:
             _check_hub(raw)
             return raw
         allowed = ", ".join(str(d) for d in model_dirs)

@@ -69,15 +69,8 @@ class JobService:
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        self._forget_uploads(files)
         self._kick()
         return job_id
-
-    def _forget_uploads(self, files: Sequence[tuple[str, Path]]) -> None:
-        """Gradio's own copies of the photos (faces, maybe) go once the job has its copy."""
-        for _, path in files:
-            if self.ws.gradio_dir in Path(path).resolve().parents:
-                Path(path).unlink(missing_ok=True)
 
     def _kick(self) -> None:
         start_next(self.ws, self.scheduler.children if self.scheduler else None)

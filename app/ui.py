@@ -104,7 +104,7 @@ def _advanced_defaults(preset: str, model: str, model_dirs) -> tuple:
     recommended = model_defaults(source)
     values = preset_values(preset, recommended)
     steps = values["max_train_steps"]
-    return (values["learning_rate"], steps, recommended.get("resolution", 512), values["rank"], max(1, steps // 4))
+    return (values["learning_rate"], steps, recommended.get("resolution", 512), values["rank"], None)
 
 
 def build_ui(service: JobService) -> gr.Blocks:
@@ -124,7 +124,7 @@ def build_ui(service: JobService) -> gr.Blocks:
                 report = gr.Markdown("Add 3-30 photos of the subject (jpg, png or webp).", elem_id="check-report")
                 thumbs = gr.Gallery(label="Uploaded", columns=8, height=170, allow_preview=False, show_label=True)
                 captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], column_count=2,
-                                        static_columns=[0], interactive=True, label="Captions (edit the caption column)")
+                                        static_columns=[0], interactive=True, label="Captions (edit the caption column; empty: the instance prompt, 'a photo of <trigger> <class>')")
                 suggest = gr.Button("Suggest captions", size="sm")
                 with gr.Row():
                     trigger = gr.Textbox("sks", label="Trigger word", info="a rare word that will mean your subject")
@@ -142,7 +142,7 @@ def build_ui(service: JobService) -> gr.Blocks:
                         resolution = gr.Number(label="Resolution", precision=0)
                     with gr.Row():
                         rank = gr.Number(label="LoRA rank", precision=0)
-                        ckpt_every = gr.Number(label="Checkpoint every N steps", precision=0)
+                        ckpt_every = gr.Number(label="Checkpoint every N steps (empty: 4 per run)", precision=0)
                         seed = gr.Number(0, label="Seed", precision=0)
                     extra = gr.Textbox(label="Other flags as JSON", placeholder='{"lora_alpha": 8, "random_flip": true}')
                 train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
@@ -156,7 +156,7 @@ def build_ui(service: JobService) -> gr.Blocks:
                 with gr.Row():
                     loss_plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Loss",
                                             height=260, elem_id="loss-plot")
-                    samples = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="samples")
+                    samples = gr.Gallery(label="Validation samples", columns=4, height=260, object_fit="contain", elem_id="samples")
                 log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="log")
                 notes = gr.Markdown()
 
@@ -171,7 +171,8 @@ def build_ui(service: JobService) -> gr.Blocks:
                     scale = gr.Slider(-1, 2, value=1.0, step=0.1, label="LoRA scale")
                     checkpoint = gr.Dropdown([FINAL], value=FINAL, label="Checkpoint")
                 sample_btn = gr.Button("Generate: base vs LoRA", variant="primary", elem_id="sample-button")
-                pair = gr.Gallery(label="Base model | with the LoRA (same seed)", columns=2, height=300, elem_id="pair")
+                pair = gr.Gallery(label="Base model | with the LoRA (same seed)", columns=2, height=300, object_fit="contain",
+                                  elem_id="pair")
                 with gr.Accordion("Grid: checkpoints x LoRA scales", open=False):
                     grid_ckpts = gr.CheckboxGroup([], label="Checkpoints")
                     grid_scales = gr.Textbox("0, 0.5, 1", label="LoRA scales")
@@ -199,13 +200,11 @@ def build_ui(service: JobService) -> gr.Blocks:
             return gr.update(choices=choices, value=current if current in [v for _, v in choices] else None)
 
         @_plain_errors
-        def check_photos(files, preset_name, model_value, trigger_word, class_name, request: gr.Request):
+        def check_photos(files, preset_name, model_value, request: gr.Request):
             pairs = _files(files)
             report_ = service.check_upload(pairs, {"preset": preset_name, "pretrained_model_name_or_path": model_value})
-            default = instance_prompt_for(preset_name, trigger_word or "sks", class_name or "object")
             usable = [i for i in report_.images if i.problem is None]
-            return (report_.as_markdown(), [(str(i.path), i.name) for i in usable],
-                    [[i.name, default] for i in usable])
+            return report_.as_markdown(), [(str(i.path), i.name) for i in usable], [[i.name, ""] for i in usable]
 
         def suggest_captions(files, preset_name, trigger_word, class_name):
             default = instance_prompt_for(preset_name, trigger_word or "sks", class_name or "object")
@@ -234,7 +233,7 @@ def build_ui(service: JobService) -> gr.Blocks:
                     raise AppError("'Other flags' must be a JSON object, e.g. {\"lora_alpha\": 8}.")
                 settings = {**more, **settings}
             rows = caption_rows.values.tolist() if isinstance(caption_rows, pd.DataFrame) else (caption_rows or [])
-            settings["captions"] = {str(r[0]): str(r[1]) for r in rows if r and r[0]}
+            settings["captions"] = {str(r[0]): str(r[1]) for r in rows if r and r[0] and r[1] and str(r[1]).strip()}
             job_id = service.create_job(_files(files), settings, _user(request))
             choices = _job_choices(service, _user(request))
             return gr.update(choices=choices, value=job_id), job_id, gr.Tabs(selected="training"), None
@@ -242,12 +241,13 @@ def build_ui(service: JobService) -> gr.Blocks:
         def live_view(job_id: str | None, shown, request: gr.Request):
             user = _user(request)
             if not job_id:
-                return progress_html(None), gr.skip(), gr.skip(), "", "", gr.skip(), gr.skip(), gr.skip(), None
+                return progress_html(None), gr.skip(), gr.skip(), "", "", gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
             try:
                 view = service.job_view(job_id, user)
             except AppError as err:
-                return progress_html(None), gr.skip(), gr.skip(), "", str(err), gr.skip(), gr.skip(), gr.skip(), None
-            key = (job_id, len(view["loss"]), tuple(view["samples_key"]), tuple(view["checkpoints"]))
+                return progress_html(None), gr.skip(), gr.skip(), "", str(err), gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
+            key = (job_id, view["status"]["state"], len(view["loss"]), tuple(view["samples_key"]), tuple(view["checkpoints"]))
+            state_changed = shown is None or shown[:2] != list(key[:2])
             changed = shown != list(key)
             loss = pd.DataFrame(view["loss"], columns=["step", "loss"]) if changed else gr.skip()
             gallery = service.latest_samples(job_id, user) if changed else gr.skip()
@@ -257,7 +257,8 @@ def build_ui(service: JobService) -> gr.Blocks:
                     gr.update(choices=ckpts or [FINAL], value=FINAL if FINAL in ckpts else (ckpts[-1] if ckpts else FINAL))
                     if changed else gr.skip(),
                     gr.update(choices=ckpts) if changed else gr.skip(),
-                    gr.update(value=view["prompt"]) if changed and shown is None else gr.skip(), list(key))
+                    gr.update(value=view["prompt"]) if changed and shown is None else gr.skip(), list(key),
+                    gr.update(choices=_job_choices(service, user)) if state_changed else gr.skip())
 
         @_plain_errors
         def stop(job_id, request: gr.Request):
@@ -297,7 +298,7 @@ def build_ui(service: JobService) -> gr.Blocks:
         job.change(lambda j: j or "", [job], [remembered], **PRIVATE)
         refresh.click(refresh_jobs, [job], [job], **PRIVATE)
         for trigger_ in (photos.upload, photos.change):
-            trigger_(check_photos, [photos, preset, model, trigger, class_word], [report, thumbs, captions], **PRIVATE)
+            trigger_(check_photos, [photos, preset, model], [report, thumbs, captions], **PRIVATE)
         suggest.click(suggest_captions, [photos, preset, trigger, class_word], [captions], **PRIVATE)
         for trigger_ in (preset.change, model.change):
             trigger_(fill_advanced, [preset, model], [lr, steps, resolution, rank, ckpt_every], **PRIVATE)
@@ -306,9 +307,9 @@ def build_ui(service: JobService) -> gr.Blocks:
         train_btn.click(create_from_page, [photos, captions, preset, model, trigger, class_word, name, optimizer, lr, steps,
                                            resolution, rank, ckpt_every, seed, extra], [job, remembered, tabs, view_key],
                         **PRIVATE)
-        live_outputs = [progress, loss_plot, samples, log, notes, checkpoint, grid_ckpts, prompt, view_key]
+        live_outputs = [progress, loss_plot, samples, log, notes, checkpoint, grid_ckpts, prompt, view_key, job]
         gr.Timer(1.0).tick(live_view, [job, view_key], live_outputs, concurrency_limit=None, show_progress="hidden", **PRIVATE)
-        job.change(live_view, [job, gr.State(None)], live_outputs, concurrency_limit=None, **PRIVATE)
+        job.input(live_view, [job, gr.State(None)], live_outputs, concurrency_limit=None, **PRIVATE)
         stop_btn.click(stop, [job], None, **PRIVATE)
         resume_btn.click(resume, [job], None, **PRIVATE)
         delete_btn.click(delete, [job], [job, remembered, view_key], **PRIVATE)

@@ -56,6 +56,22 @@ class StopRequest:
         return self.signal is not None or self.path.exists()
 
 
+class _WithoutBars:
+    """stderr minus progress-bar redraws (tqdm's carriage returns): the log stays readable, and
+    events.jsonl carries the progress. Everything else (warnings, tracebacks) passes through."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if "\r" in text:  # a bar redraw; warnings and tracebacks carry none
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 class _LoggedEvents(EventLog):
     """Events to the file, and a readable line to the log every few percent."""
 
@@ -109,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m app.worker <job folder>", file=sys.stderr)
         return 2
     job_dir = Path(argv[0]).resolve()
+    sys.stderr = _WithoutBars(sys.stderr)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     logging.captureWarnings(True)
     lock_fd = _hold_lock(job_dir)

@@ -32,7 +32,6 @@ def test_upload_train_sample_download_and_the_lora_works_in_diffusers(shared_app
     assert job_id in [j["job_id"] for j in client.predict(api_name="/list_jobs")]
     uploads = app.workspace / "jobs" / job_id / "uploads"
     assert (uploads / "002_bolt_02_wave.txt").read_text() == captions["bolt_02_wave.png"]  # the caption reached the trainer
-    assert not list((app.workspace / ".gradio").rglob("bolt_0*.png")), "Gradio's copies of the photos were not removed"
 
     base, lora = client.predict(job_id, "a photo of sks robot toy", 7, 1.0, api_name="/sample")
     assert "base" in base["caption"] and "LoRA" in lora["caption"]
