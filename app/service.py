@@ -150,7 +150,7 @@ class JobService:
         job_dir = self._job_dir(job_id, user)
         job = jobs.read_job(job_dir)
         return {"status": self.job_status(job_id, user), "loss": loss_series(job_dir / EVENTS_NAME),
-                "samples_key": self._sample_folders(job_dir), "log": jobs.log_tail(job_dir),
+                "samples_key": self._sample_folders(job_dir), "log": jobs.log_tail(job_dir, 10),
                 "checkpoints": checkpoint_names(job_dir), "warnings": job.get("warnings", []),
                 "prompt": job["train"].get("validation_prompt") or job["train"].get("instance_prompt")}
 

@@ -29,8 +29,13 @@ SUBJECT = ROOT / "adaprelora_diffusion" / "demo" / "assets" / "demo_subject"
 def steps_per_second(output_dir: Path) -> float:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logs = EventAccumulator(str(output_dir / "logs"))
-    logs.Reload()
+    for folder in sorted({f.parent for f in (output_dir / "logs").rglob("events.out.tfevents*")}):
+        logs = EventAccumulator(str(folder))  # accelerate writes the scalars under the project's folder
+        logs.Reload()
+        if "loss" in logs.Tags()["scalars"]:
+            break
+    else:
+        raise SystemExit(f"no loss scalars in {output_dir / 'logs'}")
     events = [e for e in logs.Scalars("loss") if e.step >= 2]  # step 1 includes lazy initialisation
     return (events[-1].step - events[0].step) / (events[-1].wall_time - events[0].wall_time)
 

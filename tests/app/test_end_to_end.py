@@ -39,6 +39,8 @@ def test_upload_train_sample_download_and_the_lora_works_in_diffusers(shared_app
     again = client.predict(job_id, "a photo of sks robot toy", 7, 0.0, api_name="/sample")
     assert np.array_equal(_pixels(again[0]["image"]), _pixels(again[1]["image"])), "LoRA scale 0 should be the base model"
 
+    _assert_the_grid_shows_every_checkpoint_at_every_scale(app, job_id)
+
     archive = Path(client.predict(job_id, "zip", api_name="/download"))
     names = set(zipfile.ZipFile(archive).namelist())
     assert names == {"pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "README.md",
@@ -49,6 +51,27 @@ def test_upload_train_sample_download_and_the_lora_works_in_diffusers(shared_app
     unpacked = tmp_path / "unpacked"
     zipfile.ZipFile(archive).extractall(unpacked)
     _assert_lora_changes_a_diffusers_pipeline(tiny_model_dir / "tiny-sd", unpacked)
+
+
+def _assert_the_grid_shows_every_checkpoint_at_every_scale(app, job_id: str) -> None:
+    """The page's grid (checkpoints x LoRA scales), through the same service the page calls."""
+    from app.sampling import SampleRequest
+    from app.service import JobService
+    from app.uploads import UploadLimits
+    from app.workspace import Workspace
+
+    service = JobService(Workspace(app.workspace), [app.model_dir], UploadLimits())
+    names = service.checkpoints(job_id, "")
+    assert names == ["checkpoint-4", "checkpoint-8", "final"]
+    grid = Image.open(service.sample_grid(job_id, "", SampleRequest(prompt="a photo of sks robot toy"), names, [0.0, 1.0]))
+    assert grid.size == (110 + 2 * 128, 20 + 3 * 128)
+    cells = np.asarray(grid.convert("RGB"), dtype=np.int16)
+    at_scale_0 = [cells[20 + r * 128:20 + (r + 1) * 128, 110:238] for r in range(3)]
+    at_scale_1 = [cells[20 + r * 128:20 + (r + 1) * 128, 238:366] for r in range(3)]
+    assert all(np.array_equal(at_scale_0[0], c) for c in at_scale_0), "scale 0 must be the base model for every checkpoint"
+    assert not np.array_equal(at_scale_1[0], at_scale_1[1]), "checkpoints 4 and 8 should differ"
+    with pytest.raises(Exception, match="no checkpoint 'checkpoint-99'"):
+        service.sample_grid(job_id, "", SampleRequest(prompt="x"), ["checkpoint-99"], [1.0])
 
 
 def _assert_lora_changes_a_diffusers_pipeline(model: Path, lora_folder: Path) -> None:
