@@ -85,7 +85,9 @@ def run_cli(work: Path, config: dict, tag: str) -> Path:
         if key in ("output_dir", "logging_dir", "resume_from_checkpoint") or value is None or value is False:
             continue
         flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
-    subprocess.run([sys.executable, "-m", "adaprelora_diffusion.dreambooth.cli", *flags, "--output_dir", str(output)],
+    # what the adaprelora-dreambooth console script runs (`python -m ...dreambooth.cli` has no __main__ block)
+    entry = "import sys; from adaprelora_diffusion.dreambooth.cli import main; sys.exit(main())"
+    subprocess.run([sys.executable, "-c", entry, *flags, "--output_dir", str(output)],
                    env=_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return output
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -97,4 +95,3 @@ def test_auth_comes_from_flags_and_the_environment():
         parse_auth(["nopassword"], None)
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.share, args.workspace) == ("127.0.0.1", 7860, False, "./adaprelora-workspace")
-    _ = json, os  # noqa: F841
