@@ -171,7 +171,7 @@ def build_ui(service: JobService) -> gr.Blocks:
                     scale = gr.Slider(-1, 2, value=1.0, step=0.1, label="LoRA scale")
                     checkpoint = gr.Dropdown([FINAL], value=FINAL, label="Checkpoint")
                 sample_btn = gr.Button("Generate: base vs LoRA", variant="primary", elem_id="sample-button")
-                pair = gr.Gallery(label="Base model | with the LoRA (same seed)", columns=2, height=300, object_fit="contain",
+                pair = gr.Gallery(label="Base model | with the LoRA (same seed)", columns=2, height=None, object_fit="contain",
                                   elem_id="pair")
                 with gr.Accordion("Grid: checkpoints x LoRA scales", open=False):
                     grid_ckpts = gr.CheckboxGroup([], label="Checkpoints")
@@ -252,7 +252,7 @@ def build_ui(service: JobService) -> gr.Blocks:
             loss = pd.DataFrame(view["loss"], columns=["step", "loss"]) if changed else gr.skip()
             gallery = service.latest_samples(job_id, user) if changed else gr.skip()
             ckpts = view["checkpoints"]
-            notes_md = "\n".join(f"- ⚠️ {w}" for w in view["warnings"])
+            notes_md = "\n".join(f"- **Check:** {w}" for w in view["warnings"])
             return (progress_html(view["status"]), loss, gallery, view["log"], notes_md,
                     gr.update(choices=ckpts or [FINAL], value=FINAL if FINAL in ckpts else (ckpts[-1] if ckpts else FINAL))
                     if changed else gr.skip(),

@@ -68,9 +68,9 @@ class SetReport:
         if not self.images:
             return "Add 3-30 photos of the subject (jpg, png or webp)."
         lines = [f"**{len(self.usable)} of {len(self.images)} file(s) usable.**"]
-        lines += [f"- ❌ {e}" for e in self.errors] + [f"- ⚠️ {w}" for w in self.warnings]
+        lines += [f"- **Fix:** {e}" for e in self.errors] + [f"- **Check:** {w}" for w in self.warnings]
         if not self.errors and not self.warnings:
-            lines.append("- ✅ The set looks good.")
+            lines.append("- The set looks good.")
         return "\n".join(lines)
 
 

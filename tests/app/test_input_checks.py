@@ -100,7 +100,7 @@ def test_a_photo_set_reports_what_to_fix(tmp_path):
     assert report.errors == ["notes.webp: is not a readable image (UnidentifiedImageError); upload jpg, png or webp photos."]
     assert any("again.png is the same picture as bolt_01_front.png" in w for w in report.warnings)
     assert any("tiny.jpg (32x40)" in w and "resolution 64" in w for w in report.warnings)
-    assert "❌" in report.as_markdown() and "⚠️" in report.as_markdown()
+    assert "**Fix:** notes.webp" in report.as_markdown() and "**Check:** again.png" in report.as_markdown()
 
     few = check_image_set(good[:2], 64, limits)
     assert any("Only 2 usable photo(s)" in w for w in few.warnings)
