@@ -72,3 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.stopped_early:
         return EXIT_SIGTERM if received and received[0] == signal.SIGTERM else EXIT_SIGINT
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

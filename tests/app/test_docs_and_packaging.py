@@ -1,0 +1,37 @@
+"""docs/app.md documents exactly the endpoints the app serves; the wheel ships the app and its command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_documented_endpoints_are_the_served_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    from app.service import JobService
+    from app.ui import build_ui
+    from app.uploads import UploadLimits
+    from app.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "ws")
+    demo = build_ui(JobService(ws, [ws.models_dir], UploadLimits()))
+    served = {d["api_name"] for d in demo.config["dependencies"] if d.get("api_visibility", "public") == "public"}
+    table = (ROOT / "docs" / "app.md").read_text().split("| endpoint | arguments | returns |")[1].split("\n\n")[0]
+    documented = set(re.findall(r"`/(\w+)`", table))
+    assert served == documented == {"create_job", "job_status", "list_jobs", "stop_job", "resume_job", "delete_job",
+                                    "sample", "download"}
+
+
+def test_the_package_ships_the_app_and_the_adaprelora_app_command():
+    """What setuptools will put in the wheel (tests/test_packaging.py builds one for the package's own data)."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert "app" in find_packages(str(ROOT), include=include)
+    assert project["project"]["scripts"]["adaprelora-app"] == "app.cli:main"
+    assert any(r.startswith("gradio>=6.29") for r in project["project"]["optional-dependencies"]["app"])
