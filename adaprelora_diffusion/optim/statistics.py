@@ -64,6 +64,9 @@ class HookStatistics:
         self.sketch_dim = sketch_dim
         self.seed = seed
         self.buffers: list[list | None] = [None] * len(self.groups)
+        # Backward passes each pair's hook saw since the last reset, counted in Python as well, so
+        # "did every hook fire?" needs no device sync (see `silent`).
+        self.fired = [0] * len(self.pairs)
         self.step = 0
         self._sketches: dict[int, tuple[Tensor, Tensor]] = {}
         self._handles = []
@@ -142,6 +145,7 @@ class HookStatistics:
         buf[1][i].add_(cols)
         buf[2][i].add_(ref)
         buf[3][i] += 1
+        self.fired[index] += 1
 
     def _linear_sums(self, index: int, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         """Exact: row/col sums of G^2. Sketch: G S1 and S2^T G, still linear in G."""
@@ -176,8 +180,13 @@ class HookStatistics:
         return a.square().sum(-1), b.square().sum(-2)
 
     # -- life cycle ----------------------------------------------------------------------
+    def silent(self) -> list[int]:
+        """Indices of the pairs whose hooks saw no backward pass since the last reset."""
+        return [i for i, n in enumerate(self.fired) if n == 0]
+
     def reset(self) -> None:
         self.buffers = [None] * len(self.groups)
+        self.fired = [0] * len(self.pairs)
         self._sketches.clear()
 
     def advance(self) -> None:
