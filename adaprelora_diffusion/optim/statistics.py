@@ -3,9 +3,10 @@
 The AdaPreLoRA update itself needs only the factor gradients, but Adafactor's statistics need
 the row and column sums of the squared full gradient `G = dL/dW`, which autograd never forms.
 For a layer with (post-dropout) input X (T x n) and output gradient D (T x m), `G = D^T X`.
-A forward hook on `lora_A` keeps X (autograd keeps it anyway for `lora_A.weight.grad`), a
-forward hook on `lora_B` attaches a tensor hook to its output, and that tensor hook reduces
-G, or a Gaussian sketch of it, to m + n numbers while the backward pass runs.
+A forward hook on `lora_A` notes X, a forward hook on `lora_B` wraps its output in an identity
+autograd function that saves X and the lora_A output (tensors autograd keeps anyway, and that
+gradient checkpointing recomputes), and that function's backward reduces G, or a Gaussian sketch
+of it, to m + n numbers while the backward pass runs.
 
 - "exact": form G one layer at a time (one extra matmul per layer), reduce, free.
 - "sketch": `rows ~ ||(G S1)_i||^2`, `cols ~ ||(S2^T G)_:,j||^2` with Gaussian S1 (n x k),
@@ -41,6 +42,29 @@ from .pairs import LoraPair
 __all__ = ["HookStatistics", "STATS_MODES"]
 
 STATS_MODES = ("exact", "sketch", "tangent")
+
+
+class _StatisticsTap(torch.autograd.Function):
+    """Identity on a lora_B output; its backward hands the layer input x, the lora_A output h and
+    the output gradient to the statistics.
+
+    x and h are saved through autograd rather than held by a hook's closure, so gradient
+    checkpointing frees and recomputes them like any saved activation (a closure kept every LoRA
+    layer's input alive from forward to backward, which undid non-reentrant checkpointing). Without
+    checkpointing they are the tensors lora_A and lora_B save anyway: no extra memory.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, x: Tensor, h: Tensor, accumulate) -> Tensor:
+        ctx.save_for_backward(x, h)
+        ctx.accumulate = accumulate
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor):
+        x, h = ctx.saved_tensors
+        ctx.accumulate(x, h, grad_z)
+        return grad_z, None, None, None
 
 
 class HookStatistics:
@@ -106,8 +130,8 @@ class HookStatistics:
         def attach(module, args, output):
             x = slot.pop("x", None)
             if x is None or not (torch.is_grad_enabled() and output.requires_grad):
-                return
-            output.register_hook(partial(self._accumulate, index, x, args[0]))
+                return None
+            return _StatisticsTap.apply(output, x, args[0], partial(self._accumulate, index))
 
         self._handles.append(a_mod.register_forward_hook(keep_input))
         self._handles.append(b_mod.register_forward_hook(attach))
