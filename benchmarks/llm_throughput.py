@@ -9,9 +9,10 @@ step is forward, backward and the optimizer step on ``--tokens`` tokens.
 Every (optimizer, rank) runs in its own process so that its peak memory is its own: on CPU the
 peak resident set (``ru_maxrss``) minus the resident set after the model was built, so the
 column is what training adds (activations, gradients, optimizer state, statistics); on a GPU
-``torch.cuda.max_memory_allocated`` minus the allocated memory after the model was built.
+``torch.cuda.max_memory_allocated`` minus the allocated memory after the model was built. The
+optimizer state is counted exactly (the tensors in ``optimizer.state``).
 
-    python benchmarks/llm_throughput.py                        # 1 block, ranks 8/16/64, 256 tokens
+    python benchmarks/llm_throughput.py --steps 10             # 1 block, ranks 8/16/64, 256 tokens
     python benchmarks/llm_throughput.py --layers 4 --tokens 2048 --device cuda --dtype bfloat16
 """
 
@@ -74,6 +75,7 @@ def _memory(device: str) -> float:
 def measure(optimizer_name: str, rank: int, args) -> dict:
     """One (optimizer, rank) in this process: step times and the memory training adds."""
     from adaprelora_diffusion.optim import make_optimizer
+    from benchmarks.quality.harness import state_bytes
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -98,7 +100,7 @@ def measure(optimizer_name: str, rank: int, args) -> dict:
     median = statistics.median(times)
     return {"optimizer": optimizer_name, "rank": rank, "step_s": times, "median_s": median,
             "tokens_per_s": args.tokens / median, "spread_tokens_per_s": [args.tokens / max(times), args.tokens / min(times)],
-            "training_mib": _memory(args.device) - before}
+            "training_mib": _memory(args.device) - before, "state_mib": state_bytes(optimizer) / 2**20}
 
 
 def render(results: list[dict], args) -> str:
@@ -107,12 +109,13 @@ def render(results: list[dict], args) -> str:
     lines = [f"LLM LoRA step ({args.layers} Llama-7B-shaped block(s): hidden {args.hidden}, MLP {args.mlp}, LoRA on "
              f"q/k/v/o/gate/up/down; {args.tokens} tokens a step, {args.dtype}; {where}; median of {args.steps} steps "
              f"after {args.warmup} warm-up, range in brackets)", "",
-             "| rank | optimizer | tokens/s | vs AdamW | training memory (MiB) |", "|---:|---|---:|---:|---:|"]
+             "| rank | optimizer | tokens/s | vs AdamW | training memory (MiB) | optimizer state (MiB) |",
+             "|---:|---|---:|---:|---:|---:|"]
     for r in results:
         adamw = next(a for a in results if a["rank"] == r["rank"] and a["optimizer"] == "adamw")
         lo, hi = r["spread_tokens_per_s"]
         lines.append(f"| {r['rank']} | {r['optimizer']} | {r['tokens_per_s']:.0f} [{lo:.0f}-{hi:.0f}] | "
-                     f"{r['tokens_per_s'] / adamw['tokens_per_s']:.2f}x | {r['training_mib']:.0f} |")
+                     f"{r['tokens_per_s'] / adamw['tokens_per_s']:.2f}x | {r['training_mib']:.0f} | {r['state_mib']:.1f} |")
     return "\n".join(lines)
 
 

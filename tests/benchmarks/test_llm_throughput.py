@@ -24,6 +24,8 @@ def test_measure_each_optimizer_and_render_the_table():
     args = argparse.Namespace(layers=1, hidden=32, mlp=48, tokens=8, steps=2, warmup=1, dtype="float32", device="cpu")
     results = [bench.measure(name, 4, args) for name in bench.OPTIMIZERS]
     assert all(r["tokens_per_s"] > 0 and len(r["step_s"]) == 2 and r["training_mib"] >= 0 for r in results)
+    state = {r["optimizer"]: r["state_mib"] for r in results}
+    assert state["adafactor"] < state["adaprelora"] < state["adamw"]  # (m+n)r momenta vs 2(m+n)r
     table = bench.render(results, args)
     assert "| 4 | adamw |" in table and "| 4 | adaprelora |" in table and "1.00x" in table
 
