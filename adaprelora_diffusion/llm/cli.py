@@ -26,7 +26,7 @@ from typing import Any
 from ..engine.atomic import atomic_write_text
 from ..engine.errors import TrainingError
 from ..engine.lock import OutputLock
-from .data import SFT_FORMATS, DataError, label_names, load_training_data
+from .data import SFT_FORMATS, DataError, MissingSplit, label_names, load_training_data
 from .model_card import render_model_card
 from .settings import AdaPreLoRASettings
 
@@ -113,10 +113,8 @@ def _load_data(data, classify: bool):
     try:
         evals, _ = load_training_data(dataset_name=data.dataset_name, dataset_config=data.dataset_config,
                                       split=data.dataset_test_split, classify=classify, expect=fmt)
-    except DataError as err:
-        if "Unknown split" not in str(err) and "split" not in str(err).lower():
-            raise
-        evals = None
+    except MissingSplit:
+        evals = None  # no held-out split: train without eval
     return train, evals, fmt, data.dataset_name
 
 
@@ -209,17 +207,20 @@ def _classify(data, args, model_args, settings: AdaPreLoRASettings, resume: str 
 
 
 def _set_eval_strategy(args, evals) -> None:
-    """Evaluate every --eval_steps when there is held-out data (and always at the end, in _train_and_save)."""
-    args.eval_strategy = "steps" if evals is not None and args.eval_steps is not None else "no"
+    """Evaluate every --eval_steps (or as --eval_strategy says) when there is held-out data; always at the
+    end (in _train_and_save)."""
+    if evals is None:
+        args.eval_strategy = "no"
+    elif args.eval_steps is not None and args.eval_strategy == "no":
+        args.eval_strategy = "steps"
 
 
 def _train_and_save(trainer, tokenizer, data, args, model_args, settings, resume, fmt, source, evals) -> RunResult:
     trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate() if evals is not None else {}
     out = Path(args.output_dir)
-    trainer.save_model(str(out))  # the adapter (adapter_config.json, adapter_model.safetensors) and the tokenizer
+    trainer.save_model(str(out))  # the adapter (adapter_config.json, adapter_model.safetensors), the tokenizer
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(out))
         card_settings = {"optimizer": data.optimizer, "learning_rate": args.learning_rate,
                          "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
                          "lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,

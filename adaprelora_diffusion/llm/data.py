@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "SFT_FORMATS", "load_rows", "detect_format", "check_rows", "load_training_data", "label_names"]
+__all__ = ["DataError", "MissingSplit", "SFT_FORMATS", "load_rows", "detect_format", "check_rows", "load_training_data", "label_names"]
 
 #: format name -> the fields a row of it has
 SFT_FORMATS = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"), "text": ("text",)}
@@ -32,6 +32,10 @@ _EXAMPLE = ('{"text": "..."}, {"messages": [{"role": "user", "content": "..."}, 
 
 class DataError(ValueError):
     """Training data that cannot be used; the message names the file, the row and the fix."""
+
+
+class MissingSplit(DataError):
+    """A `--dataset_name` dataset without the asked-for split."""
 
 
 def load_rows(path: str | Path):
@@ -124,6 +128,10 @@ def load_training_data(path: str | Path | None = None, *, dataset_name: str | No
 
         try:
             rows = datasets.load_dataset(dataset_name, name=dataset_config, split=split)
+        except ValueError as err:
+            if "Unknown split" in str(err):  # datasets' own wording; the other splits exist
+                raise MissingSplit(f"--dataset_name {dataset_name} has no split {split!r} ({err}).") from err
+            raise DataError(f"--dataset_name {dataset_name} (split {split!r}) could not be loaded: {err}") from err
         except Exception as err:
             raise DataError(f"--dataset_name {dataset_name} (split {split!r}) could not be loaded: {err}") from err
         source = f"{dataset_name}[{split}]"

@@ -185,3 +185,16 @@ def test_unknown_files_commands_and_optimizers(tmp_path, tiny_llama_dir, capsys)
     write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 1}])
     assert main(["classify", *quick(tiny_llama_dir, tmp_path / "c.jsonl", tmp_path / "o")]) == 2
     assert "classification needs at least two labels" in capsys.readouterr().err
+
+
+def test_dataset_name_loads_with_datasets_and_evaluates_on_its_test_split(tmp_path, tiny_llama_dir):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [PROMPT] * 4)
+    args = quick(tiny_llama_dir, "unused", tmp_path / "out")
+    args[2:4] = ["--dataset_name", str(folder)]  # in place of --dataset_path
+    assert run("sft", args).metrics == {}  # no test split: no eval
+    write_jsonl(folder / "test.jsonl", [PROMPT] * 2)
+    args[args.index("--output_dir") + 1] = str(tmp_path / "out2")
+    result = run("sft", args)
+    assert "eval_loss" in result.metrics and learned_tokens(result.trainer) == ["three", ".", "</s>"]
