@@ -12,7 +12,7 @@ column is what training adds (activations, gradients, optimizer state, statistic
 ``torch.cuda.max_memory_allocated`` minus the allocated memory after the model was built. The
 optimizer state is counted exactly (the tensors in ``optimizer.state``).
 
-    python benchmarks/llm_throughput.py --steps 10             # 1 block, ranks 8/16/64, 256 tokens
+    python benchmarks/llm_throughput.py --steps 5 --repeats 3  # 1 block, ranks 8/16/64, 256 tokens
     python benchmarks/llm_throughput.py --layers 4 --tokens 2048 --device cuda --dtype bfloat16
 """
 
@@ -103,6 +103,15 @@ def measure(optimizer_name: str, rank: int, args) -> dict:
             "training_mib": _memory(args.device) - before, "state_mib": state_bytes(optimizer) / 2**20}
 
 
+def merge_runs(runs: list[dict], tokens: int) -> dict:
+    """One config's rounds as one result: the median and range over all their steps, the median memory."""
+    times = [t for r in runs for t in r["step_s"]]
+    median = statistics.median(times)
+    return {**runs[0], "step_s": times, "median_s": median, "tokens_per_s": tokens / median,
+            "spread_tokens_per_s": [tokens / max(times), tokens / min(times)],
+            "training_mib": statistics.median(r["training_mib"] for r in runs)}
+
+
 def render(results: list[dict], args) -> str:
     threads = torch.get_num_threads() if args.device == "cpu" else None
     where = f"CPU, {threads} threads" if threads else torch.cuda.get_device_name()
@@ -129,6 +138,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=256, help="tokens a step (batch x sequence length)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all configs (each in a new process)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -140,15 +150,20 @@ def main(argv=None):
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
     if args.json:
         forwarded = [a for i, a in enumerate(forwarded) if not (i > 0 and forwarded[i - 1] == "--json") and a != str(args.json)]
-    results = []
-    for rank in args.ranks:
-        for name in args.optimizers if "adamw" in args.optimizers else ["adamw", *args.optimizers]:
+    names = args.optimizers if "adamw" in args.optimizers else ["adamw", *args.optimizers]
+    configs = [(rank, name) for rank in args.ranks for name in names]
+    runs: dict[tuple[int, str], list[dict]] = {c: [] for c in configs}
+    # Rounds over every config, so a change in the machine's load hits all of them alike.
+    for round_ in range(args.repeats):
+        for rank, name in configs:
             done = subprocess.run([sys.executable, __file__, *forwarded, "--one", name, str(rank)], capture_output=True,
                                   text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
             if done.returncode != 0:
                 raise SystemExit(f"{name} rank {rank} failed:\n{done.stderr[-3000:]}")
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"  rank {rank} {name}: {results[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+            runs[rank, name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"  round {round_ + 1}: rank {rank} {name}: {runs[rank, name][-1]['tokens_per_s']:.0f} tokens/s",
+                  file=sys.stderr, flush=True)
+    results = [merge_runs(runs[c], args.tokens) for c in configs]
     text = render(results, args)
     print(text)
     if args.json:
