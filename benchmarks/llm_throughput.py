@@ -117,7 +117,7 @@ def render(results: list[dict], args) -> str:
     where = f"CPU, {threads} threads" if threads else torch.cuda.get_device_name()
     lines = [f"LLM LoRA step ({args.layers} Llama-7B-shaped block(s): hidden {args.hidden}, MLP {args.mlp}, LoRA on "
              f"q/k/v/o/gate/up/down; {args.tokens} tokens a step, {args.dtype}; {where}; median of {args.steps} steps "
-             f"after {args.warmup} warm-up, range in brackets)", "",
+             f"after {args.warmup} warm-up in each of {args.repeats} round(s), range over all rounds in brackets)", "",
              "| rank | optimizer | tokens/s | vs AdamW | training memory (MiB) | optimizer state (MiB) |",
              "|---:|---|---:|---:|---:|---:|"]
     for r in results:
