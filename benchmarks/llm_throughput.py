@@ -6,13 +6,15 @@ runs the projections with a Llama block's data flow (q, k, v read the stream, o 
 the SwiGLU MLP), without the attention softmax, which costs the same whatever the optimizer. One
 step is forward, backward and the optimizer step on ``--tokens`` tokens.
 
-Every (optimizer, rank) runs in its own process so that its peak memory is its own: on CPU the
+Timing: at each rank, one process builds a model per optimizer and alternates their steps, so a
+change in the machine's load hits all of them alike; "vs AdamW" is the median ratio of paired
+steps. Memory: every (optimizer, rank) runs in its own process so that its peak is its own: on CPU the
 peak resident set (``ru_maxrss``) minus the resident set after the model was built, so the
 column is what training adds (activations, gradients, optimizer state, statistics); on a GPU
 ``torch.cuda.max_memory_allocated`` minus the allocated memory after the model was built. The
 optimizer state is counted exactly (the tensors in ``optimizer.state``).
 
-    python benchmarks/llm_throughput.py --steps 5 --repeats 3  # 1 block, ranks 8/16/64, 256 tokens
+    python benchmarks/llm_throughput.py --steps 5 --repeats 2  # 1 block, ranks 8/16/64, 256 tokens
     python benchmarks/llm_throughput.py --layers 4 --tokens 2048 --device cuda --dtype bfloat16
 """
 
@@ -103,13 +105,41 @@ def measure(optimizer_name: str, rank: int, args) -> dict:
             "training_mib": _memory(args.device) - before, "state_mib": state_bytes(optimizer) / 2**20}
 
 
-def merge_runs(runs: list[dict], tokens: int) -> dict:
-    """One config's rounds as one result: the median and range over all their steps, the median memory."""
-    times = [t for r in runs for t in r["step_s"]]
+def paired(rank: int, names: list[str], args) -> dict[str, list[float]]:
+    """Step times of every optimizer at one rank, their steps alternating in this process (one model
+    each, the same weights): a change in the machine's load hits all of them alike, so the per-step
+    ratios compare them even on a shared machine."""
+    from adaprelora_diffusion.optim import make_optimizer
+
+    dtype = getattr(torch, args.dtype)
+    models, optimizers = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        models[name] = build(args.layers, args.hidden, args.mlp, rank, dtype, args.device)
+        optimizers[name] = make_optimizer(name, models[name], lr=1e-4)
+    x = torch.randn(args.tokens, args.hidden, dtype=dtype, device=args.device)
+    sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for step in range(args.warmup + args.steps):
+        for name in names:
+            sync()
+            t0 = time.perf_counter()
+            models[name](x).float().square().mean().backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            sync()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def combine(memory_runs: list[dict], times: list[float], adamw_times: list[float], tokens: int) -> dict:
+    """One config: tokens/s over its paired steps, the median per-step speed ratio to AdamW, the median memory."""
     median = statistics.median(times)
-    return {**runs[0], "step_s": times, "median_s": median, "tokens_per_s": tokens / median,
+    return {**memory_runs[0], "step_s": times, "median_s": median, "tokens_per_s": tokens / median,
             "spread_tokens_per_s": [tokens / max(times), tokens / min(times)],
-            "training_mib": statistics.median(r["training_mib"] for r in runs)}
+            "vs_adamw": statistics.median(a / t for a, t in zip(adamw_times, times)),
+            "training_mib": statistics.median(r["training_mib"] for r in memory_runs)}
 
 
 def render(results: list[dict], args) -> str:
@@ -117,14 +147,14 @@ def render(results: list[dict], args) -> str:
     where = f"CPU, {threads} threads" if threads else torch.cuda.get_device_name()
     lines = [f"LLM LoRA step ({args.layers} Llama-7B-shaped block(s): hidden {args.hidden}, MLP {args.mlp}, LoRA on "
              f"q/k/v/o/gate/up/down; {args.tokens} tokens a step, {args.dtype}; {where}; median of {args.steps} steps "
-             f"after {args.warmup} warm-up in each of {args.repeats} round(s), range over all rounds in brackets)", "",
+             f"after {args.warmup} warm-up in each of {args.repeats} round(s), the optimizers' steps alternating in one "
+             f"process; range in brackets; vs AdamW: median ratio of paired steps)", "",
              "| rank | optimizer | tokens/s | vs AdamW | training memory (MiB) | optimizer state (MiB) |",
              "|---:|---|---:|---:|---:|---:|"]
     for r in results:
-        adamw = next(a for a in results if a["rank"] == r["rank"] and a["optimizer"] == "adamw")
         lo, hi = r["spread_tokens_per_s"]
         lines.append(f"| {r['rank']} | {r['optimizer']} | {r['tokens_per_s']:.0f} [{lo:.0f}-{hi:.0f}] | "
-                     f"{r['tokens_per_s'] / adamw['tokens_per_s']:.2f}x | {r['training_mib']:.0f} | {r['state_mib']:.1f} |")
+                     f"{r['vs_adamw']:.2f}x | {r['training_mib']:.0f} | {r['state_mib']:.1f} |")
     return "\n".join(lines)
 
 
@@ -142,28 +172,40 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--one", nargs=2, metavar=("OPTIMIZER", "RANK"), help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--one", nargs=2, metavar=("OPTIMIZER", "RANK"), help=argparse.SUPPRESS)  # a memory child
+    parser.add_argument("--paired", metavar="RANK", help=argparse.SUPPRESS)  # a timing child
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args)))
+        return None
+    if args.paired:
+        names = args.optimizers if "adamw" in args.optimizers else ["adamw", *args.optimizers]
+        print(json.dumps(paired(int(args.paired), names, args)))
         return None
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
     if args.json:
         forwarded = [a for i, a in enumerate(forwarded) if not (i > 0 and forwarded[i - 1] == "--json") and a != str(args.json)]
     names = args.optimizers if "adamw" in args.optimizers else ["adamw", *args.optimizers]
-    configs = [(rank, name) for rank in args.ranks for name in names]
-    runs: dict[tuple[int, str], list[dict]] = {c: [] for c in configs}
-    # Rounds over every config, so a change in the machine's load hits all of them alike.
-    for round_ in range(args.repeats):
-        for rank, name in configs:
-            done = subprocess.run([sys.executable, __file__, *forwarded, "--one", name, str(rank)], capture_output=True,
-                                  text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-            if done.returncode != 0:
-                raise SystemExit(f"{name} rank {rank} failed:\n{done.stderr[-3000:]}")
-            runs[rank, name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"  round {round_ + 1}: rank {rank} {name}: {runs[rank, name][-1]['tokens_per_s']:.0f} tokens/s",
-                  file=sys.stderr, flush=True)
-    results = [merge_runs(runs[c], args.tokens) for c in configs]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def child(*extra):
+        done = subprocess.run([sys.executable, __file__, *forwarded, *extra], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(extra)} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    results = []
+    for rank in args.ranks:
+        times: dict[str, list[float]] = {name: [] for name in names}
+        memory: dict[str, list[dict]] = {name: [] for name in names}
+        for round_ in range(args.repeats):
+            for name, t in child("--paired", str(rank)).items():
+                times[name] += t
+            for name in names:  # memory: each optimizer alone in a fresh process (one step is its peak)
+                memory[name].append(child("--steps", "1", "--one", name, str(rank)))
+            print(f"  round {round_ + 1}, rank {rank}: " + ", ".join(
+                f"{n} {args.tokens / statistics.median(t):.0f} tokens/s" for n, t in times.items()), file=sys.stderr, flush=True)
+        results += [combine(memory[name], times[name], times["adamw"], args.tokens) for name in names]
     text = render(results, args)
     print(text)
     if args.json:
