@@ -14,7 +14,8 @@ Tasks (benchmarks/quality/tasks.py):
   T1  low-rank regression (96 x 64 layer, rank-6 change, LoRA rank 4, 300 steps, batch 32)
   T2  tiny Llama-style LM pretrained on one synthetic Zipf-frequency language (cached), LoRA-adapted
       to a strongly shifted one (rank 4 on q/k/v/o/gate/up/down, 100 steps of 16 sequences: not
-      converged, so the final loss ranks the optimizers)
+      converged, so the final loss ranks the optimizers), through the LLM tool's trainer
+      (transformers' Trainer as adaprelora_diffusion.llm.AdaPreLoRATrainer)
   T3  DreamBooth on the demo robot with the tiny SD pipeline pretrained on shape scenes, through
       the project's own trainer (benchmarks/quality/personalization.py): held-out
       denoising loss, subject fidelity, prior drift

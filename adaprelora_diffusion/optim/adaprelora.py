@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -193,6 +194,8 @@ class AdaPreLoRA(LoraPairOptimizer):
             f"AdaPreLoRA(stats={self.stats!r}) was closed: its hooks are removed, so it has no statistics. "
             "Build a new optimizer, or use stats='tangent' which needs no hooks.",
         )
+        if self._hooks_bypassed(work):
+            return {}
         hooks = self._hooks
         per_bucket = []
         for w in work:
@@ -216,6 +219,40 @@ class AdaPreLoRA(LoraPairOptimizer):
             prepared[f"rows{id(w.bucket)}"] = rows * factor[:, None]
             prepared[f"cols{id(w.bucket)}"] = cols * factor[:, None]
         return prepared
+
+    def _hooks_bypassed(self, work: list[Gathered]) -> bool:
+        """True, after a warning and a switch to ``stats="tangent"``, when some LoRA layer has a gradient
+        but its hooks never fired: something (a fused LoRA kernel, a custom forward) computed it without
+        calling the lora_A/lora_B modules, so its statistics would be empty. A layer that did not run
+        at all has a zero gradient and is not counted."""
+        silent = set(self._hooks.silent())
+        if not silent:
+            return False
+        index = {id(pair): i for i, pair in enumerate(self._hooks.pairs)}
+        suspects, grads = [], []
+        for w in work:
+            for k, pair in enumerate(w.bucket.pairs):
+                if index[id(pair)] in silent:
+                    suspects.append(pair.name)
+                    grads.append(w.grad_A[k].abs().sum() + w.grad_B[k].abs().sum())
+        if not suspects:
+            return False
+        with_grad = torch.stack(grads).ne(0).tolist()  # one sync, only when some hook stayed silent
+        bypassed = [name for name, g in zip(suspects, with_grad) if g]
+        if not bypassed:
+            return False
+        warnings.warn(
+            f"AdaPreLoRA(stats={self.stats!r}): the statistics hooks of {len(bypassed)} LoRA layer(s) never fired "
+            f"although they have gradients (e.g. {bypassed[0]!r}): something computes them without calling the "
+            "lora_A/lora_B modules (a fused LoRA kernel or a custom forward). Switching to stats='tangent', which "
+            "needs no hooks; to keep hook statistics, train with the layers' plain peft forward.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self._hooks.remove()
+        self._hooks = None
+        self.stats = "tangent"
+        return True
 
     @staticmethod
     def _all_reduce(per_bucket: list[list[Tensor]]) -> None:

@@ -3,9 +3,10 @@
 The AdaPreLoRA update itself needs only the factor gradients, but Adafactor's statistics need
 the row and column sums of the squared full gradient `G = dL/dW`, which autograd never forms.
 For a layer with (post-dropout) input X (T x n) and output gradient D (T x m), `G = D^T X`.
-A forward hook on `lora_A` keeps X (autograd keeps it anyway for `lora_A.weight.grad`), a
-forward hook on `lora_B` attaches a tensor hook to its output, and that tensor hook reduces
-G, or a Gaussian sketch of it, to m + n numbers while the backward pass runs.
+A forward hook on `lora_A` notes X, a forward hook on `lora_B` wraps its output in an identity
+autograd function that saves X and the lora_A output (tensors autograd keeps anyway, and that
+gradient checkpointing recomputes), and that function's backward reduces G, or a Gaussian sketch
+of it, to m + n numbers while the backward pass runs.
 
 - "exact": form G one layer at a time (one extra matmul per layer), reduce, free.
 - "sketch": `rows ~ ||(G S1)_i||^2`, `cols ~ ||(S2^T G)_:,j||^2` with Gaussian S1 (n x k),
@@ -43,6 +44,29 @@ __all__ = ["HookStatistics", "STATS_MODES"]
 STATS_MODES = ("exact", "sketch", "tangent")
 
 
+class _StatisticsTap(torch.autograd.Function):
+    """Identity on a lora_B output; its backward hands the layer input x, the lora_A output h and
+    the output gradient to the statistics.
+
+    x and h are saved through autograd rather than held by a hook's closure, so gradient
+    checkpointing frees and recomputes them like any saved activation (a closure kept every LoRA
+    layer's input alive from forward to backward, which undid non-reentrant checkpointing). Without
+    checkpointing they are the tensors lora_A and lora_B save anyway: no extra memory.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, x: Tensor, h: Tensor, accumulate) -> Tensor:
+        ctx.save_for_backward(x, h)
+        ctx.accumulate = accumulate
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor):
+        x, h = ctx.saved_tensors
+        ctx.accumulate(x, h, grad_z)
+        return grad_z, None, None, None
+
+
 class HookStatistics:
     """Installs the hooks for groups of same-shape pairs and holds what they gathered since the last step.
 
@@ -64,6 +88,9 @@ class HookStatistics:
         self.sketch_dim = sketch_dim
         self.seed = seed
         self.buffers: list[list | None] = [None] * len(self.groups)
+        # Backward passes each pair's hook saw since the last reset, counted in Python as well, so
+        # "did every hook fire?" needs no device sync (see `silent`).
+        self.fired = [0] * len(self.pairs)
         self.step = 0
         self._sketches: dict[int, tuple[Tensor, Tensor]] = {}
         self._handles = []
@@ -103,8 +130,8 @@ class HookStatistics:
         def attach(module, args, output):
             x = slot.pop("x", None)
             if x is None or not (torch.is_grad_enabled() and output.requires_grad):
-                return
-            output.register_hook(partial(self._accumulate, index, x, args[0]))
+                return None
+            return _StatisticsTap.apply(output, x, args[0], partial(self._accumulate, index))
 
         self._handles.append(a_mod.register_forward_hook(keep_input))
         self._handles.append(b_mod.register_forward_hook(attach))
@@ -144,6 +171,7 @@ class HookStatistics:
         buf[1][i].add_(cols)
         buf[2][i].add_(ref)
         buf[3][i] += 1
+        self.fired[index] += 1
 
     def _linear_sums(self, index: int, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         """Exact: row/col sums of G^2. Sketch: G S1 and S2^T G, still linear in G."""
@@ -178,8 +206,13 @@ class HookStatistics:
         return a.square().sum(-1), b.square().sum(-2)
 
     # -- life cycle ----------------------------------------------------------------------
+    def silent(self) -> list[int]:
+        """Indices of the pairs whose hooks saw no backward pass since the last reset."""
+        return [i for i, n in enumerate(self.fired) if n == 0]
+
     def reset(self) -> None:
         self.buffers = [None] * len(self.groups)
+        self.fired = [0] * len(self.pairs)
         self._sketches.clear()
 
     def advance(self) -> None:

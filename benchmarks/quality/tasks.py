@@ -6,7 +6,8 @@ preconditioner is supposed to fix. The optimum under the rank constraint is know
 T2 (`LanguageAdaptation`): a tiny Llama-style decoder, pretrained once on one synthetic Markov
 language with Zipf-like token frequencies, adapted with LoRA to a strongly shifted one (most
 tables redrawn, other words frequent) on a budget too short to converge; the pretrained weights
-carry the uneven channel scales of real LMs. The target's entropy rate is the loss floor.
+carry the uneven channel scales of real LMs. The target's entropy rate is the loss floor. Its
+runs go through the LLM tool's trainer (`adaprelora_diffusion.llm.AdaPreLoRATrainer`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from torch import nn
 
 from adaprelora_diffusion.demo.tiny_pipeline import default_cache_dir
 from adaprelora_diffusion.engine.atomic import atomic_write
-from .harness import Instance
+from .harness import Config, Instance, RunResult, state_bytes
 
 __all__ = ["LanguageAdaptation", "LowRankRegression", "PretrainSpec", "quality_cache_dir"]
 
@@ -344,3 +346,59 @@ class LanguageAdaptation:
     def evaluate(self, inst: Instance) -> dict[str, float]:
         loss, acc = _lm_loss(inst.model, self.X_eval)
         return {"loss": loss.item(), "accuracy": acc.item()}
+
+    def run(self, config: Config, lr: float, seed: int, schedule: str = "cosine") -> RunResult:
+        """One run through the path LLM users take: transformers' Trainer as `AdaPreLoRATrainer`, the
+        optimizer built by `make_optimizer` exactly as the harness builds it for every task and passed
+        as ``optimizers=(optimizer, None)``; the model's own loss on labels that mask the first two
+        positions (the same tokens `_lm_loss` scores). The Trainer's cosine schedule is the harness's,
+        and it does not clip (``max_grad_norm=0``) because the harness does not."""
+        from transformers import PrinterCallback, TrainerCallback, TrainingArguments, default_data_collator
+
+        from adaprelora_diffusion.llm import AdaPreLoRATrainer
+        from adaprelora_diffusion.optim import make_optimizer
+
+        inst = self.build(seed)
+        labels = inst.data.clone()
+        labels[:, :2] = -100
+        rows = [{"input_ids": x, "labels": y} for x, y in zip(inst.data, labels)]
+        optimizer = make_optimizer(config.optimizer, inst.model, lr=lr, **config.kwargs)
+        eval_steps, curve, losses, final, peak = [], [], [], {}, 0
+        task = self
+
+        class Evaluate(TrainerCallback):  # the harness's evaluation points: after step 1, every eval_every, the last
+            def on_step_end(self, args, state, control, **kwargs):
+                nonlocal final, peak
+                step = state.global_step
+                if not math.isfinite(losses[-1]):
+                    control.should_training_stop = True
+                elif step == 1 or step % task.eval_every == 0 or step == task.steps:
+                    peak = max(peak, state_bytes(optimizer))
+                    final = task.evaluate(inst)
+                    eval_steps.append(step)
+                    curve.append(final[task.metrics[0]])
+                    control.should_training_stop = not all(math.isfinite(v) for v in final.values())
+
+        class Trainer(AdaPreLoRATrainer):
+            def training_step(self, *args, **kwargs):
+                loss = super().training_step(*args, **kwargs)
+                losses.append(loss.item())
+                return loss
+
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="t2-") as out, torch.random.fork_rng(devices=[]):
+            args = TrainingArguments(
+                output_dir=out, use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                max_steps=self.steps, per_device_train_batch_size=self.batch, learning_rate=lr, lr_scheduler_type=schedule,
+                warmup_steps=0, max_grad_norm=0.0, train_sampling_strategy="sequential", dataloader_num_workers=0)
+            trainer = Trainer(model=inst.model, args=args, train_dataset=rows, data_collator=default_data_collator,
+                              optimizers=(optimizer, None), callbacks=[Evaluate()])
+            trainer.remove_callback(PrinterCallback)  # the sweep's log is the harness's
+            try:
+                trainer.train()
+            finally:
+                optimizer.close() if hasattr(optimizer, "close") else None
+        diverged = not losses or not math.isfinite(losses[-1]) or not final or not all(math.isfinite(v) for v in final.values())
+        if diverged:
+            final = {m: math.inf if m == self.metrics[0] else math.nan for m in self.metrics}
+        return RunResult(lr, seed, eval_steps, curve, final, losses, time.perf_counter() - t0, peak, diverged)

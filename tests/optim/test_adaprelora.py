@@ -2,6 +2,7 @@
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -279,3 +280,42 @@ def test_close_removes_hooks_and_a_closed_optimizer_refuses_to_step():
         opt.step()
     with AdaPreLoRA.from_model(model, lr=1e-3, stats="tangent"):
         assert not any(m._forward_hooks for m in model.modules())
+
+
+def _bypass_lora_modules(model, names):
+    """Make the LoRA layers ``names`` compute their output from the factor weights directly, as a
+    fused LoRA kernel does, so the module hooks on lora_A / lora_B never run."""
+    for name, module in model.named_modules():
+        if name in names:
+            def fused(x, module=module):
+                A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+                return module.base_layer(x) + (x @ A.T @ B.T) * module.scaling["default"]
+            module.forward = fused
+
+
+@pytest.mark.parametrize("stats", ["exact", "sketch"])
+def test_hooks_that_never_fire_switch_to_tangent_with_a_warning(stats):
+    batch = toy_batches(1)[0]
+    model, reference = make_toy(), make_toy()
+    _bypass_lora_modules(model, {"fc1"})
+    opt = AdaPreLoRA.from_model(model, lr=1e-2, stats=stats)
+    ref_opt = AdaPreLoRA.from_model(reference, lr=1e-2, stats="tangent")
+    for m, o in ((model, opt), (reference, ref_opt)):
+        loss_fn(m, batch).backward()
+    with pytest.warns(RuntimeWarning, match="never fired.*'fc1'.*stats='tangent'"):
+        opt.step()
+    ref_opt.step()
+    assert opt.stats == "tangent" and not any(m._forward_hooks for m in model.modules())
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_a_layer_that_did_not_run_is_not_taken_for_a_bypassed_hook():
+    model = make_toy()
+    model.fc2.forward = lambda x: x[:, :10]  # fc2 (LoRA) does not run: no gradient, no statistics needed
+    opt = AdaPreLoRA.from_model(model, lr=1e-2)
+    loss_fn(model, toy_batches(1)[0]).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert opt.stats == "sketch"

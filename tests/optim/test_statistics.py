@@ -123,3 +123,32 @@ def test_no_statistics_without_grad_and_hooks_removed():
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="exact"):
         HookStatistics([[]], "tangent")
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_checkpointing_still_frees_the_inputs_of_hooked_layers(mode):
+    """Under non-reentrant checkpointing the activations inside the region are dropped after forward and
+    recomputed in backward; the hooks must not keep the LoRA layers' inputs alive in between."""
+    import weakref
+
+    from torch.utils.checkpoint import checkpoint
+
+    model = make_toy()
+    pairs, _ = find_lora_pairs(model)
+    hooks = HookStatistics([[p] for p in pairs], mode)
+    inside = []  # the input of fc2, made inside the checkpointed region
+    model.fc2.register_forward_pre_hook(lambda module, args: inside.append(weakref.ref(args[0])))
+    x, y = toy_batches(1)[0]
+    h = torch.tanh(model.conv(x)).flatten(1)
+    out = checkpoint(lambda t: model.head(torch.tanh(model.fc2(torch.tanh(model.fc1(t))))), h, use_reentrant=False)
+    loss = ((out - y) ** 2).mean()
+    assert len(inside) == 1 and inside[0]() is None  # freed after forward, as checkpointing intends
+    loss.backward()
+    assert len(inside) == 2  # recomputed in backward
+    reference = make_toy()
+    reference_hooks = HookStatistics([[p] for p in find_lora_pairs(reference)[0]], mode)
+    loss_fn(reference, (x, y)).backward()
+    for got, want in zip(hooks.fresh, reference_hooks.fresh):
+        for a, b in zip(got[:3], want[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        assert got[3] == want[3] == 1

@@ -1,0 +1,72 @@
+"""The flags of ``adaprelora-llm``: the dataclasses of ``trl sft``, a few defaults changed, and ours.
+
+``trl sft`` parses `ScriptArguments`, `SFTConfig` and `ModelConfig` with `TrlParser` (which also
+reads ``--config file.yaml``); this tool parses the same classes, so every flag of a ``trl sft``
+command line means the same here. Added: `DataArguments` (local files, the optimizer, --merge)
+and `AdaPreLoRAArguments` (the ``--adaprelora_*`` flags). Changed defaults, because this is
+LoRA training with the optimizer in the name (see `SFTArguments`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+try:
+    from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the adaprelora-llm command needs TRL: pip install 'adaprelora-diffusion[llm]'") from err
+
+from ..optim import OPTIMIZERS
+from .settings import AdaPreLoRAArguments
+
+__all__ = ["DataArguments", "SFTArguments", "ClassifyArguments", "ModelConfig", "AdaPreLoRAArguments", "build_parser"]
+
+DEFAULT_OUTPUT_DIR = "adaprelora-llm-output"
+
+
+@dataclass
+class DataArguments(ScriptArguments):
+    """TRL's script arguments (``--dataset_name`` and its splits) plus local files and the optimizer."""
+
+    dataset_path: str | None = field(default=None, metadata={
+        "help": "training data: .jsonl/.json, .csv or .parquet with rows {text}, {messages} or {prompt, completion} "
+                "(classify: {text, label}); instead of --dataset_name"})
+    eval_dataset_path: str | None = field(default=None, metadata={"help": "held-out data in the same format"})
+    optimizer: str = field(default="adaprelora", metadata={"help": f"one of: {', '.join(OPTIMIZERS)}",
+                                                            "choices": list(OPTIMIZERS)})
+    merge: bool = field(default=False, metadata={"help": "also write the base model with the LoRA merged in (OUTPUT/merged)"})
+    traceback: bool = field(default=False, metadata={"help": "print the full traceback of an error (--debug is TrainingArguments')"})
+
+
+_LR_HELP = "learning rate (AdaPreLoRA: Adam's lr on W; start at your AdamW LoRA lr, try 3x lower)"
+
+
+@dataclass
+class SFTArguments(SFTConfig):
+    """TRL's `SFTConfig` with LoRA defaults: lr 1e-4 (TRL's 2e-5 is a full fine-tuning lr), gradient
+    checkpointing and bf16 off unless asked for (TRL turns both on; unset, transformers' own default, off,
+    applies), TensorBoard logging."""
+
+    output_dir: str | None = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "where the adapter, checkpoints and logs go"})
+    learning_rate: float = field(default=1e-4, metadata={"help": _LR_HELP})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "recompute activations in backward to save memory"})
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision"})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard or none"})
+
+
+@dataclass
+class ClassifyArguments(TrainingArguments):
+    """transformers' `TrainingArguments` for ``classify``, with the same defaults as `SFTArguments`."""
+
+    output_dir: str | None = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "where the adapter, checkpoints and logs go"})
+    learning_rate: float = field(default=1e-4, metadata={"help": _LR_HELP})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard or none"})
+    max_length: int = field(default=512, metadata={"help": "truncate texts to this many tokens"})
+
+
+def build_parser(command: str) -> TrlParser:
+    """The parser of ``adaprelora-llm COMMAND`` (sft or classify)."""
+    config = {"sft": SFTArguments, "classify": ClassifyArguments}[command]
+    return TrlParser((DataArguments, config, ModelConfig, AdaPreLoRAArguments), prog=f"adaprelora-llm {command}")
