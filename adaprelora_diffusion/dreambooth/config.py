@@ -69,7 +69,7 @@ class TrainConfig:
     prior_loss_weight: float = _help("weight of the prior-preservation loss", default=1.0)
     num_class_images: int | None = _help("class images to use (generated when missing)", default=None)
     sample_batch_size: int = _help("batch size when generating class images", default=4)
-    resolution: int | None = _help("training resolution, divisible by 8 (default 512; 64 with the tiny model)", default=None)
+    resolution: int | None = _help("training resolution, divisible by 8 (default 512; 1024 for SDXL; 64 with the tiny model)", default=None)
     center_crop: bool = _help("center crop instead of random crop", default=False)
     random_flip: bool = _help("random horizontal flips", default=False)
     repeats: int = _help("times each instance image is used per epoch", default=1)

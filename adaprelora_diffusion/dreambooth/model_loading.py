@@ -86,12 +86,31 @@ def model_descriptor(source: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def model_defaults(source: str | os.PathLike) -> dict[str, Any]:
-    """The training defaults ``source``'s descriptor recommends, paths made absolute."""
-    defaults = dict(model_descriptor(source).get("training_defaults") or {})
-    if defaults.get("instance_data_dir"):
-        defaults["instance_data_dir"] = str((Path(source) / defaults["instance_data_dir"]).resolve())
-    return defaults
+#: Where an SDXL model's defaults differ from SD 1.x/2.x's (config.REAL_DEFAULTS): its native size.
+SDXL_DEFAULTS = {"resolution": 1024}
+
+
+def model_defaults(source: str | os.PathLike, sdxl: bool | None = None) -> dict[str, Any]:
+    """The training defaults that suit ``source``: SDXL's where it is SDXL (``sdxl=None``: read from a
+    local folder's index or a local file, never from the network), then what its descriptor
+    recommends, paths made absolute."""
+    if sdxl is None:
+        sdxl = _local_is_sdxl(source)
+    defaults = dict(SDXL_DEFAULTS) if sdxl else {}
+    recommended = dict(model_descriptor(source).get("training_defaults") or {})
+    if recommended.get("instance_data_dir"):
+        recommended["instance_data_dir"] = str((Path(source) / recommended["instance_data_dir"]).resolve())
+    return {**defaults, **recommended}
+
+
+def _local_is_sdxl(source: str | os.PathLike) -> bool:
+    path = Path(source)
+    try:
+        if (path / "model_index.json").is_file():
+            return is_sdxl_index(json.loads((path / "model_index.json").read_text(encoding="utf-8")))
+        return path.is_file() and single_file_is_sdxl(str(path))
+    except (OSError, ValueError):
+        return False  # unreadable: loading will say why
 
 
 def check_pipeline_folder(path: str | os.PathLike) -> Path:

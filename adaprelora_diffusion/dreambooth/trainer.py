@@ -135,11 +135,11 @@ def train(
 # -- set-up ---------------------------------------------------------------------------------
 def _set_up(config, progress, should_stop, on_step) -> Run:
     started = time.perf_counter()
-    config, output_dir, resume_path = _resolve(config)
+    config, output_dir, resume_path, sdxl = _resolve(config)
     fresh_accelerator_state()
     # SDXL conditions on the first text encoder's penultimate layer: its last layer's LoRA gets no
     # gradient, which DDP must be told about (diffusers' SDXL scripts do the same).
-    unused = config.train_text_encoder and source_is_sdxl(config.pretrained_model_name_or_path, config.revision)
+    unused = config.train_text_encoder and sdxl
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -177,11 +177,12 @@ def _set_up(config, progress, should_stop, on_step) -> Run:
     return run
 
 
-def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, Path | None]:
+def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, Path | None, bool]:
     """Validate, fill the model-dependent defaults, check the output folder and the resume path."""
     config.validate()
     _, source = resolve_model_source(config.pretrained_model_name_or_path)
-    config = config.resolved(model_defaults(source))
+    sdxl = source_is_sdxl(config.pretrained_model_name_or_path, config.revision)
+    config = config.resolved(model_defaults(source, sdxl=sdxl))
     config.validate()
     output_dir = Path(config.output_dir).resolve()  # relative paths are resolved once, here
     check_output_dir(output_dir, config)
@@ -194,7 +195,7 @@ def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, Path | None]:
             raise TrainingError(str(err)) from err
         if resume_path is None:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run.", output_dir)
-    return config, output_dir, resume_path
+    return config, output_dir, resume_path, sdxl
 
 
 def check_output_dir(output_dir: Path, config: TrainConfig) -> None:

@@ -117,3 +117,14 @@ def test_stored_photos_get_app_made_names_and_caption_files(tmp_path):
     assert not (tmp_path / "uploads" / "001_bolt_01_front.txt").exists()  # the instance prompt needs no file
     with pytest.raises(AppError, match="names file\\(s\\) that were not uploaded: '\\.\\./x.png'"):
         store_images(report, tmp_path / "other", {"../x.png": "y"}, "p")
+
+
+def test_an_sdxl_model_gets_sdxl_presets_at_1024_px(tmp_path, tiny_sdxl_pipeline_dir):
+    import shutil
+
+    models = tmp_path / "models"
+    plain = shutil.copytree(tiny_sdxl_pipeline_dir, models / "my-sdxl")
+    (plain / "adaprelora_model.json").unlink()  # an ordinary SDXL folder, not the tiny test model
+    parsed = parse_settings({"pretrained_model_name_or_path": "my-sdxl", "preset": "person"}, [models])
+    assert parsed.resolution == 1024 and parsed.train["rank"] == 32 and parsed.train["train_text_encoder"]
+    assert parsed.train["max_train_steps"] == 800

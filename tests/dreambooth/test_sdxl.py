@@ -92,3 +92,15 @@ def test_sgm_names_of_the_real_sdxl_unet():
         "middle_block.1.transformer_blocks.0.attn2.to_k", "output_blocks.2.1.transformer_blocks.3.attn1.to_out.0",
         "output_blocks.5.0.in_layers.2", "input_blocks.3.0.op", "output_blocks.2.2.conv", "middle_block.2.emb_layers.1",
         "input_blocks.0.0"]
+
+
+def test_sdxl_trains_at_1024_px_unless_the_model_or_the_user_says_otherwise(tmp_path, tiny_sdxl_pipeline_dir):
+    import shutil
+
+    from adaprelora_diffusion.dreambooth.model_loading import model_defaults
+
+    plain = shutil.copytree(tiny_sdxl_pipeline_dir, tmp_path / "plain")
+    (plain / "adaprelora_model.json").unlink()  # an ordinary SDXL folder
+    assert model_defaults(plain)["resolution"] == 1024
+    assert model_defaults(tiny_sdxl_pipeline_dir)["resolution"] == 64  # the tiny model asks for 64 px
+    assert TrainConfig(resolution=768).resolved(model_defaults(plain)).resolution == 768
