@@ -18,7 +18,6 @@ lost its worker: ``reconcile`` marks it failed with the reason, so nothing shows
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 from adaprelora_diffusion.engine.atomic import atomic_write_text
 from adaprelora_diffusion.engine.checkpoints import list_checkpoints
+from adaprelora_diffusion.engine.lock import is_locked
 
 __all__ = ["STATES", "read_job", "write_job", "read_state", "update_state", "worker_alive", "reconcile",
            "lock_path", "stop_path", "output_dir", "uploads_dir", "log_tail", "describe_exit"]
@@ -74,20 +74,8 @@ def update_state(job_dir: Path, **changes: Any) -> dict[str, Any]:
 
 
 def worker_alive(job_dir: Path) -> bool:
-    """Whether a process holds the job's worker lock (try to take it; give it back at once)."""
-    import fcntl
-
-    try:
-        fd = os.open(lock_path(job_dir), os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the lock if we got it
-    return False
+    """Whether a process holds the job's worker lock."""
+    return is_locked(lock_path(job_dir))
 
 
 def log_tail(job_dir: Path, lines: int = 40, max_bytes: int = 64_000) -> str:

@@ -17,6 +17,8 @@ import time
 import traceback
 from pathlib import Path
 
+from adaprelora_diffusion.engine.lock import try_lock
+
 from . import jobs
 from .events import EVENTS_NAME, EventLog
 from .scheduler import LOCK_FD_ENV, start_next
@@ -85,16 +87,11 @@ class _LoggedEvents(EventLog):
 
 def _hold_lock(job_dir: Path) -> int:
     """The job's lock: inherited from the scheduler, or taken here when started by hand."""
-    import fcntl
-
     inherited = os.environ.pop(LOCK_FD_ENV, None)
     if inherited is not None:
         return int(inherited)
-    fd = os.open(jobs.lock_path(job_dir), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(jobs.lock_path(job_dir))
+    if fd is None:
         raise SystemExit(f"Job {job_dir.name} already has a live worker.")
     jobs.update_state(job_dir, state="running", pid=os.getpid(), started_at=time.time(), error=None)
     return fd

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from adaprelora_diffusion.engine.lock import is_locked, try_lock
+
 from .errors import AppError
 
 __all__ = ["Workspace", "JOB_ID", "UNKNOWN_JOB"]
@@ -69,33 +71,16 @@ class Workspace:
             return []
         return sorted(p for p in self.jobs_dir.iterdir() if JOB_ID.match(p.name) and (p / "job.json").is_file())
 
-    def hold_app_lock(self):
+    def hold_app_lock(self) -> int:
         """Held by the serving app for its whole life: one app per workspace, and workers can tell
         whether an app is up (then its loop starts the next job, as the parent that sees exit codes)."""
-        import fcntl
-
-        fh = open(self.root / ".app.lock", "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
+        fd = try_lock(self.root / ".app.lock")
+        if fd is None:
             raise AppError(f"Another app is already serving the workspace {self.root}: stop it, or pass another --workspace.")
-        return fh
+        return fd
 
     def app_alive(self) -> bool:
-        import fcntl
-
-        try:
-            fd = os.open(self.root / ".app.lock", os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return is_locked(self.root / ".app.lock")
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -78,16 +78,7 @@ quiet_pip install ${TORCH_PIP_ARGS:-} "torch==2.13.0"
 quiet_pip install -c "$work/floors.txt" -e "$repo[test]"
 
 echo "== resolved versions"
-python - <<'EOF'
-from importlib.metadata import version, PackageNotFoundError
-for name in ["torch", "diffusers", "transformers", "peft", "accelerate", "safetensors",
-             "huggingface_hub", "tokenizers", "numpy", "pillow", "tqdm", "tensorboard",
-             "pytest", "pytorch_optimizer"]:
-    try:
-        print(f"  {name:18s} {version(name)}")
-    except PackageNotFoundError:
-        print(f"  {name:18s} (not installed)")
-EOF
+python "$repo/scripts/print_versions.py"
 pip check || echo "check_floors: pip check reports conflicts (above); running the tests anyway"
 
 echo "== python -m pytest -q $*"

@@ -69,16 +69,7 @@ else
 fi
 
 echo "== resolved versions ($what)"
-python - <<'EOF'
-from importlib.metadata import version, PackageNotFoundError
-for name in ["torch", "diffusers", "transformers", "peft", "accelerate", "safetensors",
-             "huggingface_hub", "tokenizers", "numpy", "pillow", "tqdm", "tensorboard",
-             "pytest", "pytorch_optimizer"]:
-    try:
-        print(f"  {name:18s} {version(name)}")
-    except PackageNotFoundError:
-        print(f"  {name:18s} (not installed)")
-EOF
+python "$repo/scripts/print_versions.py"
 pip check || echo "check_latest: pip check reports conflicts (above); running the tests anyway"
 if [[ -n "${FREEZE_TO:-}" ]]; then
     # torch's local label (+cpu) is dropped so the file also fits a machine with a CUDA build.

@@ -16,9 +16,35 @@ from pathlib import Path
 
 from .errors import TrainingError
 
-__all__ = ["OutputLock", "LOCK_NAME"]
+__all__ = ["OutputLock", "LOCK_NAME", "try_lock", "is_locked"]
 
 LOCK_NAME = ".adaprelora.lock"
+
+
+def try_lock(path: str | os.PathLike) -> int | None:
+    """Take the exclusive flock on ``path`` (created if missing) without waiting: the open file
+    descriptor while held (closing it releases the lock; so does the process's death), or None
+    when another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def is_locked(path: str | os.PathLike) -> bool:
+    """Whether a live process holds the flock on ``path`` (probed by taking it and giving it back)."""
+    if not Path(path).exists():
+        return False
+    fd = try_lock(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
 
 
 class OutputLock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 import time
@@ -83,7 +85,7 @@ def test_one_app_per_workspace(tmp_path):
         with pytest.raises(AppError, match="Another app is already serving the workspace"):
             Workspace.open(tmp_path / "ws").hold_app_lock()
     finally:
-        held.close()
+        os.close(held)  # the lock's file descriptor; closing it releases the lock
     assert not ws.app_alive()
 
 

@@ -40,3 +40,23 @@ def test_a_killed_holders_lock_is_taken_over(tmp_path):
         assert str(os.getpid()) in lock.path.read_text()
     with OutputLock(tmp_path):  # released on exit
         pass
+
+
+def test_try_lock_and_is_locked_probe_without_stealing(tmp_path):
+    from adaprelora_diffusion.engine.lock import is_locked, try_lock
+
+    path = tmp_path / "x.lock"
+    assert not is_locked(path)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from adaprelora_diffusion.engine.lock import try_lock; "
+                             "fd = try_lock(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert is_locked(path) and try_lock(path) is None
+        assert is_locked(path)  # probing did not take it away
+    finally:
+        proc.kill()
+        proc.wait()
+    fd = try_lock(path)
+    assert fd is not None and not is_locked(tmp_path / "other.lock")
+    os.close(fd)
