@@ -88,10 +88,17 @@ class TrainConfig:
                                         "1e-3 with the tiny pretrained model)", default=None)
     text_encoder_lr: float | None = _help("learning rate of the text encoder LoRA (default: learning_rate)", default=None)
     scale_lr: bool = _help("multiply lr by accumulation x batch size x processes", default=False)
-    adam_beta1: float = _help("first-moment decay (AdamW, AdaPreLoRA's momentum)", default=0.9)
-    adam_beta2: float = _help("second-moment decay (AdamW; AdaPreLoRA's statistics)", default=0.999)
+    adam_beta1: float = _help("Adam's first-moment decay (AdamW; AdaPreLoRA: of its AdamW group)", default=0.9)
+    adam_beta2: float = _help("Adam's second-moment decay (AdamW; AdaPreLoRA: of its AdamW group)", default=0.999)
     adam_weight_decay: float = _help("decoupled weight decay", default=1e-2)
     adam_epsilon: float = _help("AdamW epsilon (AdaPreLoRA: of its AdamW group)", default=1e-8)
+    adaprelora_beta1: float = _help("AdaPreLoRA momentum (0: the momentum-free rule, which keeps no momentum buffers)",
+                                    default=0.0)
+    adaprelora_beta2: float = _help("AdaPreLoRA statistics' EMA decay (when --adaprelora_beta2_decay is off)", default=0.999)
+    adaprelora_beta2_decay: float | None = _help("AdaPreLoRA statistics' decay schedule 1 - t^x, e.g. -0.8 as Adafactor "
+                                                 "(0: off, use --adaprelora_beta2)", default=None)
+    adaprelora_scale_parameter: bool = _help("AdaPreLoRA lr relative to each layer's weight RMS (Adafactor's relative step)",
+                                             default=False)
     adaprelora_stats: str = _help(f"AdaPreLoRA statistics: {', '.join(STATS_CHOICES)}", default=DEFAULT_STATS)
     adaprelora_damping: float = _help("AdaPreLoRA relative damping", default=0.1)
     adaprelora_balance: float = _help("AdaPreLoRA balance c in [0, 1]", default=0.5)
@@ -284,4 +291,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     for name in ("adaprelora_clip_threshold", "max_grad_norm"):
         if values[name] is not None and values[name] <= 0:
             values[name] = None
+    if values["adaprelora_beta2_decay"] == 0:
+        values["adaprelora_beta2_decay"] = None
     return TrainConfig(**values)

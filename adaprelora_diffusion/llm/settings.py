@@ -23,6 +23,13 @@ PREFIX = "adaprelora_"
 class AdaPreLoRASettings:
     """AdaPreLoRA's settings beyond Adam's (see `AdaPreLoRA` for their evidence)."""
 
+    beta1: float = field(default=0.0, metadata={
+        "help": "momentum (0: the momentum-free rule, which keeps no momentum buffers)"})
+    beta2: float = field(default=0.999, metadata={"help": "statistics' EMA decay (when beta2_decay is off)"})
+    beta2_decay: float | None = field(default=None, metadata={
+        "help": "statistics' decay schedule 1 - t^x, e.g. -0.8 as Adafactor (0: off, use beta2)"})
+    scale_parameter: bool = field(default=False, metadata={
+        "help": "lr relative to each layer's weight RMS (Adafactor's relative step)"})
     stats: str = field(default=DEFAULT_STATS, metadata={
         "help": f"where Adafactor's row/column statistics come from: {', '.join(STATS_CHOICES)}", "choices": list(STATS_CHOICES)})
     damping: float = field(default=0.1, metadata={"help": "relative damping of the r x r solves"})
@@ -34,6 +41,8 @@ class AdaPreLoRASettings:
     def __post_init__(self):
         if self.clip_threshold is not None and self.clip_threshold <= 0:
             self.clip_threshold = None  # the flag's "off", as in the DreamBooth trainer
+        if self.beta2_decay == 0:
+            self.beta2_decay = None
         if self.stats not in STATS_CHOICES:
             raise ValueError(f"adaprelora stats must be one of {', '.join(STATS_CHOICES)}, got {self.stats!r}.")
         if self.momentum not in MOMENTUM_CHOICES:

@@ -12,14 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .base import Gathered, LoraPairOptimizer, _check
-from .closed_form import (
-    adafactor_scales,
-    factored_step,
-    factored_w_step_sq_norm,
-    preconditioned_step,
-    tangent_statistics,
-    w_step_sq_norm,
-)
+from .closed_form import adafactor_scales, factored_step, h_step_rms, tangent_statistics
 from .statistics import STATS_MODES, HookStatistics
 
 __all__ = ["AdaPreLoRA", "DEFAULT_STATS", "MOMENTUM_CHOICES", "STATS_CHOICES"]
@@ -92,17 +85,20 @@ class AdaPreLoRA(LoraPairOptimizer):
         self,
         params,
         lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.0, 0.999),
         eps: float = 1e-30,
         damping: float = 0.1,
         balance: float = 0.5,
         clip_threshold: float | None = 1.0,
         weight_decay: float = 0.0,
         *,
+        beta2_decay: float | None = None,
+        scale_parameter: bool = False,
         stats: str = DEFAULT_STATS,
         momentum: str = "gradient",
         sketch_dim: int = 16,
         seed: int = 0,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
     ):
         _check(stats in STATS_MODES, f"stats must be one of {STATS_MODES}, got {stats!r}.")
@@ -115,7 +111,10 @@ class AdaPreLoRA(LoraPairOptimizer):
             balance=balance,
             clip_threshold=clip_threshold,
             weight_decay=weight_decay,
+            beta2_decay=beta2_decay,
+            scale_parameter=scale_parameter,
             momentum=momentum,
+            adamw_betas=tuple(adamw_betas),
             adamw_eps=adamw_eps,
         )
         self.stats = stats
@@ -147,14 +146,18 @@ class AdaPreLoRA(LoraPairOptimizer):
             group["momentum"] in MOMENTUM_CHOICES,
             f"momentum must be 'gradient' or 'update', got {group['momentum']!r}.",
         )
+        decay = group["beta2_decay"]
+        _check(
+            decay is None or (isinstance(decay, (int, float)) and -1.0 <= decay < 0.0),
+            f"beta2_decay must be None (fixed betas[1]) or in [-1, 0) (Adafactor's -0.8), got {decay!r}.",
+        )
 
-    def _pair_state_shapes(self, m: int, n: int, r: int):
-        return {
-            "exp_avg_A": ("A", (r, n)),
-            "col_stats": ("A", (n,)),
-            "exp_avg_B": ("B", (m, r)),
-            "row_stats": ("B", (m,)),
-        }
+    def _pair_state_shapes(self, m: int, n: int, r: int, group: dict[str, Any]):
+        """Statistics (m + n floats per pair); momenta ((m + n) r) only when ``betas[0] > 0``."""
+        shapes = {"col_stats": ("A", (n,)), "row_stats": ("B", (m,))}
+        if group["betas"][0] > 0.0:
+            shapes.update({"exp_avg_A": ("A", (r, n)), "exp_avg_B": ("B", (m, r))})
+        return shapes
 
     # -- hooks' life cycle ---------------------------------------------------------------
     def close(self) -> None:
@@ -275,58 +278,97 @@ class AdaPreLoRA(LoraPairOptimizer):
                 offset += size
 
     # -- the update ----------------------------------------------------------------------
-    def _update_bucket(self, w: Gathered, group: dict[str, Any], prepared: dict[str, Any]) -> None:
-        bucket, state = w.bucket, w.bucket.state
+    def _preconditioner(self, w: Gathered, group: dict[str, Any], prepared: dict[str, Any], step: Tensor) -> tuple[Tensor, Tensor]:
+        """Update the statistics' EMAs with this step's row/column sums; return H's `d1`, `d2`.
+
+        Fixed decay: `beta2 = betas[1]`, with Adam's bias correction. Adafactor's schedule
+        (``beta2_decay``): `beta2_t = 1 - t^beta2_decay`, which starts at 0 (the first step
+        sees exactly its own statistics) and needs no bias correction.
+        """
+        bucket, state, active = w.bucket, w.bucket.state, w.active
         m, n, _ = bucket.shape
-        beta1, beta2 = group["betas"]
-        inv_s = bucket.scales().reciprocal()[:, None, None]
-        A, B, active = w.A, w.B, w.active
         if self._hooks is None:
-            rows, cols = tangent_statistics(A, B, w.grad_A * inv_s, w.grad_B * inv_s)
+            inv_s = bucket.scales().reciprocal()[:, None, None]
+            rows, cols = tangent_statistics(w.A, w.B, w.grad_A * inv_s, w.grad_B * inv_s)
         else:
             rows, cols = prepared[f"rows{id(bucket)}"], prepared[f"cols{id(bucket)}"]
-        eps = group["eps"]
-        step = self._advance(w)
-        row_ema = self._masked(active, torch.lerp(state["row_stats"], rows + n * eps, 1.0 - beta2), state["row_stats"])
-        col_ema = self._masked(active, torch.lerp(state["col_stats"], cols + m * eps, 1.0 - beta2), state["col_stats"])
+        eps, decay = group["eps"], group["beta2_decay"]
+        if decay is None:
+            beta2 = group["betas"][1]
+            weight: float | Tensor = 1.0 - beta2
+        else:
+            weight = step.clamp_min(1.0).pow(decay)[:, None]
+        row_ema = self._masked(active, torch.lerp(state["row_stats"], rows + n * eps, weight), state["row_stats"])
+        col_ema = self._masked(active, torch.lerp(state["col_stats"], cols + m * eps, weight), state["col_stats"])
         state["row_stats"].copy_(row_ema)
         state["col_stats"].copy_(col_ema)
-        bias2 = (1.0 - beta2 ** step.clamp_min(1.0))[:, None]
-        d1, d2 = adafactor_scales(row_ema / bias2, col_ema / bias2)
+        if decay is None:
+            bias2 = (1.0 - beta2 ** step.clamp_min(1.0))[:, None]
+            row_ema, col_ema = row_ema / bias2, col_ema / bias2
+        return adafactor_scales(row_ema, col_ema)
 
+    def _update_bucket(self, w: Gathered, group: dict[str, Any], prepared: dict[str, Any]) -> None:
+        bucket, active = w.bucket, w.active
+        beta1 = group["betas"][0]
+        if beta1 > 0.0 and "exp_avg_A" not in bucket.state:  # momentum switched on after construction
+            self._grow_state(bucket)
+        state = bucket.state
+        step = self._advance(w)
+        d1, d2 = self._preconditioner(w, group, prepared, step)
+        A, B = w.A, w.B
+        inv_s = bucket.scales().reciprocal()
+        lr = group["lr"] * (self._weight_rms(bucket) if group["scale_parameter"] else 1.0)
+        clip = group["clip_threshold"]
         solve = dict(balance=group["balance"], damping=group["damping"])
-        lr, clip = group["lr"], group["clip_threshold"]
-        bias1 = (1.0 - beta1 ** step.clamp_min(1.0))[:, None, None]
-        decay = 1.0 - lr * group["weight_decay"]
-        if group["momentum"] == "gradient":
-            # Momenta of the raw factor gradients (one lerp each). The step is linear in them, so
-            # 1/s (Ga = A.grad / s), the bias correction, the clipping factor and -lr / s all
-            # fold into the r x r P and Q instead of costing passes over factor-sized tensors.
-            Ma = self._ema_scaled(state["exp_avg_A"], w.grad_A, None, beta1, active)
-            Mb = self._ema_scaled(state["exp_avg_B"], w.grad_B, None, beta1, active)
-            P, Ra, Rb, Q = factored_step(A, B, Ma, Mb, d1, d2, **solve)
-            scale = inv_s / bias1  # turns the raw-momentum step into the step of Ga, Gb
-            coef = lr * inv_s * scale
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        # The solve runs on raw factor gradients (or their momenta): it is linear in them, so
+        # 1/s (Ga = A.grad / s) and the bias correction become one per-module scale `g` applied
+        # once, instead of passes over factor-sized tensors.
+        if beta1 == 0.0 or group["momentum"] == "gradient":
+            Ga = self._ema_scaled(state.get("exp_avg_A"), w.grad_A, None, beta1, active)
+            Gb = self._ema_scaled(state.get("exp_avg_B"), w.grad_B, None, beta1, active)
+            g = inv_s / (1.0 - beta1 ** step.clamp_min(1.0)) if beta1 > 0.0 else inv_s
+            P, Ra, Rb, Q = factored_step(A, B, Ga, Gb, d1, d2, shared_core=beta1 == 0.0, **solve)
+            dA, dB = torch.bmm(P, Ra), torch.bmm(Rb, Q)
+            coef = lr * inv_s * g  # A <- A - (lr / s) * g * dA, and the same for B
             if clip is not None:
-                rms = (factored_w_step_sq_norm(A, B, P, Ra, Rb, Q) / (m * n)).sqrt()[:, None, None] * scale
-                coef = coef / (rms / clip).clamp_min(1.0)
-            delta_A = torch.bmm(P * -coef, Ra)
-            delta_B = torch.bmm(Rb, Q * -coef)
+                coef = coef / (h_step_rms(dA, dB, Ga, Gb, d1, d2) * g / clip).clamp_min(1.0)
         else:
-            dA, dB = preconditioned_step(A, B, w.grad_A * inv_s, w.grad_B * inv_s, d1, d2, **solve)
+            # Adafactor's placement: momentum of the (clipped) solved directions.
+            P, Ra, Rb, Q = factored_step(A, B, w.grad_A, w.grad_B, d1, d2, shared_core=True, **solve)
+            dA, dB = torch.bmm(P, Ra), torch.bmm(Rb, Q)
+            g = inv_s
             if clip is not None:
-                rms = (w_step_sq_norm(A, B, dA, dB) / (m * n)).sqrt()[:, None, None]
-                factor = (rms / clip).clamp_min(1.0)
-                dA, dB = dA / factor, dB / factor
-            dA = self._ema_scaled(state["exp_avg_A"], dA, None, beta1, active)
-            dB = self._ema_scaled(state["exp_avg_B"], dB, None, beta1, active)
-            coef = lr * inv_s / bias1
-            delta_A, delta_B = dA * -coef, dB * -coef
-        self._apply_delta(bucket.As, delta_A, active, decay)
-        self._apply_delta(bucket.Bs, delta_B, active, decay)
+                g = g / (h_step_rms(dA, dB, w.grad_A, w.grad_B, d1, d2) * inv_s / clip).clamp_min(1.0)
+            dA = self._ema_scaled(state["exp_avg_A"], dA, g[:, None, None], beta1, active)
+            dB = self._ema_scaled(state["exp_avg_B"], dB, g[:, None, None], beta1, active)
+            coef = lr * inv_s / (1.0 - beta1 ** step.clamp_min(1.0))
+            dA, dB = dA.clone(), dB.clone()  # the momenta themselves: scale copies
+        coef = -coef[:, None, None]
+        self._apply_delta(bucket.As, dA.mul_(coef), active, decay)
+        self._apply_delta(bucket.Bs, dB.mul_(coef), active, decay)
 
-    def _ema_scaled(self, buffer: Tensor, value: Tensor, scale: Tensor | None, beta: float, active: Tensor | None) -> Tensor:
-        """`buffer <- beta buffer + (1 - beta) scale * value` in place (masked pairs unchanged)."""
+    def _weight_rms(self, bucket) -> Tensor:
+        """RMS of each pair's frozen base weight W0 (k,), for ``scale_parameter`` (Adafactor's
+        relative step, `lr * max(1e-3, RMS(W))`, with W0 standing in for W0 + s B A: the base
+        weight is frozen, so this is computed once per bucket)."""
+        if bucket._weight_rms is None:
+            values = []
+            for pair in bucket.pairs:
+                weight = pair.module.get_base_layer().weight
+                _check(
+                    weight.is_floating_point() and weight.numel() == pair.shape[0] * pair.shape[1],
+                    f"scale_parameter needs the floating-point base weight of {pair.name!r}, which is stored as "
+                    f"{weight.dtype} with {weight.numel()} elements (a quantized layer?). Use scale_parameter=False.",
+                )
+                values.append(weight.detach().to(bucket.dtype).square().mean().sqrt())
+            bucket._weight_rms = torch.stack(values).clamp_min(1e-3).to(bucket.dtype)
+        return bucket._weight_rms
+
+    def _ema_scaled(self, buffer: Tensor | None, value: Tensor, scale: Tensor | None, beta: float, active: Tensor | None) -> Tensor:
+        """`buffer <- beta buffer + (1 - beta) scale * value` in place (masked pairs unchanged).
+
+        With `beta = 0` there is no buffer (the momentum-free rule keeps none): `scale * value`."""
         if scale is not None:
             value = value * scale
         if beta == 0.0:

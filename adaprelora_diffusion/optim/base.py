@@ -40,6 +40,7 @@ class Bucket:
     state: dict[str, Tensor] = field(default_factory=dict)
     _scales: tuple[float, ...] = ()
     _scale_tensor: Tensor | None = None
+    _weight_rms: Tensor | None = None  # RMS of each pair's frozen base weight, computed on first use
 
     def __post_init__(self) -> None:
         self.As = [p.A for p in self.pairs]
@@ -146,6 +147,12 @@ class LoraPairOptimizer(Optimizer):
         )
         _check(group["weight_decay"] >= 0.0, f"weight_decay must be >= 0, got {group['weight_decay']!r}.")
         _check(group["adamw_eps"] > 0.0, f"adamw_eps must be > 0, got {group['adamw_eps']!r}.")
+        if "adamw_betas" in group:
+            adamw_betas = group["adamw_betas"]
+            _check(
+                isinstance(adamw_betas, (tuple, list)) and len(adamw_betas) == 2 and all(0.0 <= b < 1.0 for b in adamw_betas),
+                f"adamw_betas must be two numbers in [0, 1), got {adamw_betas!r}.",
+            )
 
     def _build_buckets(self, loaded: dict[int, dict[str, Tensor]] | None = None) -> None:
         """Stack the pairs of each group by shape and (re)point `state` at views of the stacks.
@@ -169,8 +176,9 @@ class LoraPairOptimizer(Optimizer):
     def _allocate(self, bucket: Bucket, loaded: dict[int, dict[str, Tensor]] | None) -> None:
         k = len(bucket.pairs)
         opts = dict(dtype=bucket.dtype, device=bucket.device)
-        bucket.state["step"] = torch.zeros(k, **opts)
-        for name, (owner, shape) in self._pair_state_shapes(*bucket.shape).items():
+        shapes = self._pair_state_shapes(*bucket.shape, self.param_groups[bucket.group])
+        bucket.state = {"step": torch.zeros(k, **opts)}
+        for name, (owner, shape) in shapes.items():
             bucket.state[name] = torch.zeros(k, *shape, **opts)
         for i, pair in enumerate(bucket.pairs):
             for owner_name, param in (("A", pair.A), ("B", pair.B)):
@@ -178,13 +186,19 @@ class LoraPairOptimizer(Optimizer):
                 entry = {"step": bucket.state["step"][i]}
                 if "step" in saved:
                     entry["step"].copy_(saved["step"])
-                for name, (owner, _) in self._pair_state_shapes(*bucket.shape).items():
+                for name, (owner, _) in shapes.items():
                     if owner != owner_name:
                         continue
                     entry[name] = bucket.state[name][i]
                     if name in saved:
                         entry[name].copy_(saved[name].reshape(entry[name].shape))
                 self.state[param] = entry
+
+    def _grow_state(self, bucket: Bucket) -> None:
+        """Re-allocate a bucket's state after its group's settings changed what it needs (e.g.
+        momentum switched on), keeping every value it already has."""
+        current = {id(p): dict(self.state[p]) for pair in bucket.pairs for p in (pair.A, pair.B)}
+        self._allocate(bucket, current)
 
     def _install_grad_views(self) -> None:
         """Point every factor's .grad at its slot of the bucket's stacked buffer (zeroed).
@@ -221,8 +235,8 @@ class LoraPairOptimizer(Optimizer):
             bucket.grad_B.zero_()
         self._install_grad_views()
 
-    def _pair_state_shapes(self, m: int, n: int, r: int) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """name -> (owner "A" or "B", per-pair shape) of the stacked per-pair state."""
+    def _pair_state_shapes(self, m: int, n: int, r: int, group: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (owner "A" or "B", per-pair shape) of the stacked per-pair state of a group."""
         raise NotImplementedError
 
     # -- checkpoints -------------------------------------------------------------------
@@ -238,6 +252,9 @@ class LoraPairOptimizer(Optimizer):
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         originals = {id(p): state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params)}
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # settings added since the checkpoint was written keep their defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         lora_params = {id(p) for pairs in self._group_pairs for pair in pairs for p in (pair.A, pair.B)}
         self._build_buckets({pid: s for pid, s in originals.items() if pid in lora_params})
         self._install_grad_views()
@@ -366,7 +383,7 @@ class LoraPairOptimizer(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = group.get("adamw_betas", group["betas"])
         functional_adamw(
             params,
             grads,

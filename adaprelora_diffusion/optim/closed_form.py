@@ -16,12 +16,11 @@ from torch import Tensor
 __all__ = [
     "adafactor_scales",
     "factored_step",
-    "factored_w_step_sq_norm",
+    "h_step_rms",
     "relative_damping",
     "damped_inverse",
     "preconditioned_step",
     "tangent_statistics",
-    "w_step_sq_norm",
     "lorapro_step",
 ]
 
@@ -87,13 +86,18 @@ def factored_step(
     *,
     balance: float = 0.5,
     damping: float = 0.1,
+    shared_core: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The H-preconditioned LoRA step as `dA = P @ Ra`, `dB = Rb @ Q` (see `preconditioned_step`).
 
-    Returned factored because `P = KB^-1` and `Q = KA^-1` are r x r: a per-module scale
-    (learning rate, bias correction, clipping) folded into them costs O(r^2) instead of a pass
-    over the factor-sized `dA`, `dB`, and the update becomes one `baddbmm` per factor.
+    Returned factored because `P = KB^-1` and `Q = KA^-1` are r x r: a per-module scale folded
+    into them costs O(r^2) instead of a pass over the factor-sized `dA`, `dB`.
     Linear in `(Ga, Gb)` for fixed `(A, B, d1, d2)`.
+
+    Cost: five skinny (m or n) x r x r products (`KB`, `KA`, `core`, the two corrections), or
+    six when ``shared_core`` is False. For true gradients `Ga A^T = B^T Gb` (both are
+    `B^T G A^T`), so ``shared_core=True`` computes it once; momenta of Ga and Gb differ and
+    need both.
     """
     KB = torch.bmm(_t(B) * d1[:, None, :], B)
     KA = torch.bmm(A * d2[:, None, :], _t(A))
@@ -101,7 +105,7 @@ def factored_step(
     P = damped_inverse(KB, delta)
     Q = damped_inverse(KA, delta)
     core_a = torch.bmm(Ga, _t(A))
-    core_b = torch.bmm(_t(B), Gb)
+    core_b = core_a if shared_core else torch.bmm(_t(B), Gb)
     Ra = torch.baddbmm(Ga / d2[:, None, :], torch.bmm(core_a, Q), A, alpha=-(1.0 - balance))
     Rb = torch.baddbmm(Gb / d1[:, :, None], B, torch.bmm(P, core_b), alpha=-balance)
     return P, Ra, Rb, Q
@@ -117,6 +121,7 @@ def preconditioned_step(
     *,
     balance: float = 0.5,
     damping: float = 0.1,
+    shared_core: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Factor directions `(dA, dB)` of the H-preconditioned LoRA step.
 
@@ -128,26 +133,29 @@ def preconditioned_step(
         dB = [ Gb / d1 - c B KB^-1 (B^T Gb) ] KA^-1
 
     W moves by `B dA + dB A`, the H-orthogonal projection of `H^-1 G` onto the tangent space.
-    `Ga A^T` and `B^T Gb` are equal for true gradients; they differ when momenta are passed in,
-    and each solve uses the one built from its own factor's gradient. Cost per module:
-    O((m + n) r^2 + r^3); nothing of size m x n is formed.
+    `Ga A^T` and `B^T Gb` are equal for true gradients (``shared_core`` computes it once); they
+    differ when momenta are passed in, and each solve then uses the one built from its own
+    factor's gradient. Cost per module: seven (m or n) x r x r products and O(r^3); nothing of
+    size m x n is formed.
     """
-    P, Ra, Rb, Q = factored_step(A, B, Ga, Gb, d1, d2, balance=balance, damping=damping)
+    P, Ra, Rb, Q = factored_step(A, B, Ga, Gb, d1, d2, balance=balance, damping=damping, shared_core=shared_core)
     return torch.bmm(P, Ra), torch.bmm(Rb, Q)
 
 
-def factored_w_step_sq_norm(A: Tensor, B: Tensor, P: Tensor, Ra: Tensor, Rb: Tensor, Q: Tensor) -> Tensor:
-    """`||B dA + dB A||_F^2` for `dA = P Ra`, `dB = Rb Q` (P, Q symmetric), from r x r products.
+def h_step_rms(dA: Tensor, dB: Tensor, Ga: Tensor, Gb: Tensor, d1: Tensor, d2: Tensor) -> Tensor:
+    """RMS of the W-step `Z = B dA + dB A` in H's metric, per module, from two dot products.
 
-    `||B dA||^2 = <P (B^T B) P, Ra Ra^T>`, `||dB A||^2 = <Q (A A^T) Q, Rb^T Rb>` and the cross
-    term `2 tr(dA^T B^T dB A) = 2 <P (B^T Rb) Q, (A Ra^T)^T>`: six (m or n) x r^2 products.
+    `<G, Z> = <B^T G, dA> + <G A^T, dB> = <Ga, dA> + <Gb, dB>`, and because Z is the
+    H-orthogonal projection of `H^-1 G` this equals `||Z||_H^2 = sum_ij sqrt(V_ij) Z_ij^2`
+    (exactly without damping; damping only shrinks Z). Dividing by `sum_ij sqrt(V_ij) =
+    sum(d1) sum(d2)` gives the sqrt(V)-weighted mean of `Z^2`: the plain RMS of Z when V is
+    uniform, and the quantity Adafactor clips (the RMS of `G / sqrt(V)`) for a step that is not
+    projected. It costs one read of the factor-sized tensors; the Frobenius RMS of Z needs six
+    more (m or n) x r x r products (`B^T B`, `A A^T`, ... ; see the design note).
     """
-    BtB, RbtRb, BtRb = torch.bmm(_t(B), B), torch.bmm(_t(Rb), Rb), torch.bmm(_t(B), Rb)
-    AAt, RaRat, ARat = torch.bmm(A, _t(A)), torch.bmm(Ra, _t(Ra)), torch.bmm(A, _t(Ra))
-    first = (torch.bmm(torch.bmm(P, BtB), P) * RaRat).sum((-1, -2))
-    second = (torch.bmm(torch.bmm(Q, AAt), Q) * RbtRb).sum((-1, -2))
-    cross = (torch.bmm(torch.bmm(P, BtRb), Q) * _t(ARat)).sum((-1, -2))
-    return (first + second + 2.0 * cross).clamp_min(0.0)
+    q = torch.linalg.vecdot(dA.flatten(1), Ga.flatten(1)) + torch.linalg.vecdot(dB.flatten(1), Gb.flatten(1))
+    total = d1.sum(-1) * d2.sum(-1)
+    return (q.clamp_min(0.0) / total.clamp_min(_TINY)).sqrt()
 
 
 def _projection_parts(A: Tensor, B: Tensor, Ga: Tensor, Gb: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -180,17 +188,6 @@ def tangent_statistics(A: Tensor, B: Tensor, Ga: Tensor, Gb: Tensor, damping: fl
     rows = (torch.bmm(U, torch.bmm(V, _t(V))) * U).sum(-1)
     cols = (V * torch.bmm(torch.bmm(_t(U), U), V)).sum(-2)
     return rows, cols
-
-
-def w_step_sq_norm(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> Tensor:
-    """`||B dA + dB A||_F^2` per module without forming the m x n step.
-
-    With `U = [B, dB]` and `V = [dA; A]` the step is `U V`, and
-    `||U V||_F^2 = trace((U^T U)(V V^T)) = sum((U^T U) * (V V^T))` (both symmetric).
-    """
-    U = torch.cat([B, dB], dim=-1)
-    V = torch.cat([dA, A], dim=-2)
-    return (torch.bmm(_t(U), U) * torch.bmm(V, _t(V))).sum((-1, -2)).clamp_min(0.0)
 
 
 def lorapro_step(A: Tensor, B: Tensor, Ga: Tensor, Gb: Tensor, *, damping: float = 1e-6) -> tuple[Tensor, Tensor]:

@@ -137,11 +137,14 @@ def make_optimizer(name: str, model: ModelSpec, lr: float, **kwargs) -> Optimize
 
 #: Which trainer settings each optimizer takes, and under which keyword. The settings are the
 #: trainers' flag names (``betas`` from ``--adam_beta1/2``); one table for every trainer, so the
-#: DreamBooth CLI, the web app and the LLM tool map flags to optimizers the same way.
+#: DreamBooth CLI, the web app and the LLM tool map flags to optimizers the same way. A tuple of
+#: settings becomes one tuple-valued keyword (AdaPreLoRA's ``betas`` from its two flags).
 _ADAM = {"betas": "betas", "weight_decay": "weight_decay", "adam_epsilon": "eps"}
-OPTIMIZER_SETTINGS: dict[str, dict[str, str]] = {
-    "adaprelora": {"betas": "betas", "weight_decay": "weight_decay", "adam_epsilon": "adamw_eps", "seed": "seed",
-                   "adaprelora_stats": "stats", "adaprelora_damping": "damping", "adaprelora_balance": "balance",
+OPTIMIZER_SETTINGS: dict[str, dict[str | tuple[str, ...], str]] = {
+    "adaprelora": {"betas": "adamw_betas", "weight_decay": "weight_decay", "adam_epsilon": "adamw_eps", "seed": "seed",
+                   ("adaprelora_beta1", "adaprelora_beta2"): "betas", "adaprelora_beta2_decay": "beta2_decay",
+                   "adaprelora_scale_parameter": "scale_parameter", "adaprelora_stats": "stats",
+                   "adaprelora_damping": "damping", "adaprelora_balance": "balance",
                    "adaprelora_clip_threshold": "clip_threshold", "adaprelora_momentum": "momentum"},
     "adamw": _ADAM,
     "loraplus": {**_ADAM, "loraplus_lr_ratio": "loraplus_lr_ratio"},
@@ -162,4 +165,11 @@ def optimizer_kwargs(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """
     if name not in OPTIMIZER_SETTINGS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}.")
-    return {kw: settings[key] for key, kw in OPTIMIZER_SETTINGS[name].items() if key in settings}
+    kwargs = {}
+    for key, kw in OPTIMIZER_SETTINGS[name].items():
+        if isinstance(key, tuple):
+            if all(k in settings for k in key):
+                kwargs[kw] = tuple(settings[k] for k in key)
+        elif key in settings:
+            kwargs[kw] = settings[key]
+    return kwargs

@@ -42,7 +42,7 @@ class LoRAPro(LoraPairOptimizer):
         super()._validate_group(group)
         _check(group["damping"] >= 0.0, f"damping must be >= 0, got {group['damping']!r}.")
 
-    def _pair_state_shapes(self, m: int, n: int, r: int):
+    def _pair_state_shapes(self, m: int, n: int, r: int, group: dict[str, Any]):
         return {}
 
     def _update_bucket(self, w: Gathered, group: dict[str, Any], prepared: dict[str, Any]) -> None:

@@ -36,8 +36,8 @@ def projected_sums(A, B, G):
 
 
 @pytest.mark.parametrize("stats", ["exact", "sketch", "tangent"])
-@pytest.mark.parametrize("rslora", [False, True])
-def test_one_real_step_equals_the_closed_form(stats, rslora):
+@pytest.mark.parametrize("rslora,beta1", [(False, 0.0), (True, 0.0), (False, 0.9)])
+def test_one_real_step_equals_the_closed_form(stats, rslora, beta1):
     model = make_toy(rslora=rslora)
     batch = toy_batches(1)[0]
     G = true_weight_gradients(model, batch)  # also leaves the factor gradients in .grad
@@ -48,7 +48,7 @@ def test_one_real_step_equals_the_closed_form(stats, rslora):
         if hasattr(module, "base_layer"):
             module.base_layer.weight.grad = None
             module.base_layer.weight.requires_grad_(False)
-    lr, damping, betas, eps = 0.05, 0.0, (0.9, 0.99), 1e-30
+    lr, damping, betas, eps = 0.05, 0.0, (beta1, 0.99), 1e-30
     opt = AdaPreLoRA.from_model(model, lr=lr, damping=damping, betas=betas, eps=eps, clip_threshold=None, stats=stats)
     # the hooks were installed after the backward above: run it again so they see it
     model.zero_grad()
@@ -216,18 +216,36 @@ def test_accumulating_two_different_micro_batches_equals_their_union(stats):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_clipping_bounds_the_rms_of_the_w_step():
-    model = make_toy()
+def _one_step_deltas(model, **kwargs):
+    """W-space factor steps of one AdaPreLoRA step, per pair, and the optimizer."""
     pairs, _ = find_lora_pairs(model)
-    before = {id(p): (p.module.scaling["default"] * p.B.detach().reshape(p.B.shape[0], -1) @ p.A.detach().reshape(p.A.shape[0], -1)) for p in pairs}
-    lr, clip = 1.0, 1e-3
-    with AdaPreLoRA.from_model(model, lr=lr, clip_threshold=clip, betas=(0.0, 0.999), damping=0.0) as opt:
-        run(model, opt, toy_batches(1))
+    before = {p.name: (p.A.detach().clone(), p.B.detach().clone()) for p in pairs}
+    opt = AdaPreLoRA.from_model(model, **kwargs)
+    run(model, opt, toy_batches(1))
+    deltas = {p.name: (p.A.detach() - before[p.name][0], p.B.detach() - before[p.name][1]) for p in pairs}
+    return deltas, opt, pairs, before
+
+
+def test_clipping_scales_the_step_to_the_threshold_in_the_sqrt_v_weighted_rms():
+    common = dict(lr=1.0, stats="exact", betas=(0.0, 0.9), damping=0.0)
+    free, opt, pairs, before = _one_step_deltas(make_toy(), clip_threshold=None, **common)
+    clipped, opt_c, _, _ = _one_step_deltas(make_toy(), clip_threshold=1e-3, **common)
     for p in pairs:
-        after = p.module.scaling["default"] * p.B.detach().reshape(p.B.shape[0], -1) @ p.A.detach().reshape(p.A.shape[0], -1)
-        first_order = ((after - before[id(p)]) ** 2).mean().sqrt()
-        # the first-order W-step has RMS lr * clip; the product adds a second-order term
-        assert first_order < 1.5 * lr * clip
+        m, n, r = p.shape
+        s = p.module.scaling["default"]
+        A0, B0 = (t.reshape(t.shape[0], -1) for t in before[p.name])
+        dA, dB = (-t.reshape(t.shape[0], -1) * s / common["lr"] for t in free[p.name])  # W-space directions
+        rows = opt.state[p.B]["row_stats"] / (1 - 0.9)  # the first step's statistics, bias-corrected
+        cols = opt.state[p.A]["col_stats"] / (1 - 0.9)
+        S = 0.5 * (rows.sum() + cols.sum())
+        sqrt_v = torch.outer(rows.sqrt(), cols.sqrt()) / S.sqrt()
+        Z = B0 @ dA + dB @ A0
+        rms = ((sqrt_v * Z**2).sum() / sqrt_v.sum()).sqrt()
+        assert rms > 1e-3  # the unclipped step is above the threshold, so clipping acts
+        for f, c in zip(free[p.name], clipped[p.name]):
+            torch.testing.assert_close(c, f * (1e-3 / rms), rtol=1e-8, atol=1e-14)
+    opt.close()
+    opt_c.close()
 
 
 def test_momentum_free_and_update_momentum_variants_train():
@@ -262,6 +280,9 @@ def test_per_model_overrides_make_groups():
         (dict(stats="full"), "stats"),
         (dict(momentum="nesterov"), "momentum"),
         (dict(sketch_dim=0), "sketch_dim"),
+        (dict(beta2_decay=0.5), "beta2_decay"),
+        (dict(beta2_decay=-1.5), "beta2_decay"),
+        (dict(adamw_betas=(0.9, 1.0)), "adamw_betas"),
     ],
 )
 def test_bad_hyper_parameters_are_clear_errors(kwargs, match):
@@ -319,3 +340,125 @@ def test_a_layer_that_did_not_run_is_not_taken_for_a_bypassed_hook():
         warnings.simplefilter("error")
         opt.step()
     assert opt.stats == "sketch"
+
+
+def _state_keys(opt, param):
+    return set(opt.state[param])
+
+
+def test_momentum_free_default_keeps_only_the_statistics():
+    model = make_toy()
+    with AdaPreLoRA.from_model(model, lr=0.01) as opt:
+        assert opt.defaults["betas"][0] == 0.0
+        run(model, opt, toy_batches(2))
+        for p in find_lora_pairs(model)[0]:
+            m, n, _ = p.shape
+            assert _state_keys(opt, p.A) == {"step", "col_stats"} and _state_keys(opt, p.B) == {"step", "row_stats"}
+            assert opt.state[p.A]["col_stats"].numel() == n and opt.state[p.B]["row_stats"].numel() == m
+    with AdaPreLoRA.from_model(make_toy(), lr=0.01, betas=(0.9, 0.999)) as opt:
+        p = opt._group_pairs[0][0]
+        assert {"exp_avg_A", "col_stats"} <= _state_keys(opt, p.A)
+
+
+def test_switching_momentum_on_later_allocates_its_buffers_and_keeps_the_statistics():
+    batches = toy_batches(4)
+    model = make_toy()
+    with AdaPreLoRA.from_model(model, lr=0.01, stats="exact") as opt:
+        run(model, opt, batches[:2])
+        pair = opt._group_pairs[0][0]
+        stats_before = opt.state[pair.A]["col_stats"].clone()
+        for group in opt.param_groups:
+            group["betas"] = (0.9, 0.999)
+        run(model, opt, batches[2:3])
+        assert "exp_avg_A" in opt.state[pair.A] and opt.state[pair.A]["exp_avg_A"].abs().sum() > 0
+        assert not torch.equal(opt.state[pair.A]["col_stats"], stats_before)  # updated, not reset
+        assert float(opt.state[pair.A]["step"]) == 3.0
+        run(model, opt, batches[3:])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_checkpoint_of_the_momentum_rule_resumes_exactly_in_a_default_optimizer():
+    """Checkpoints written before the momentum-free default (betas (0.9, 0.999), no beta2_decay,
+    scale_parameter or adamw_betas in their groups) resume with their own settings."""
+    batches = toy_batches(5)
+    kwargs = dict(lr=0.02, betas=(0.9, 0.999), stats="exact")
+    straight = make_toy()
+    with AdaPreLoRA.from_model(straight, **kwargs) as opt:
+        run(straight, opt, batches)
+    first = make_toy()
+    with AdaPreLoRA.from_model(first, **kwargs) as opt:
+        run(first, opt, batches[:2])
+        saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        for key in ("beta2_decay", "scale_parameter", "adamw_betas"):
+            group.pop(key)
+    resumed = make_toy(seed=5)
+    resumed.load_state_dict(first.state_dict())
+    with AdaPreLoRA.from_model(resumed, lr=0.02, stats="exact") as opt:  # the new defaults
+        opt.load_state_dict(saved)
+        assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["beta2_decay"] is None
+        run(resumed, opt, batches[2:])
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_beta2_decay_follows_adafactors_schedule():
+    batches = toy_batches(2)
+    model = make_toy()
+    eps = 1e-30
+    with AdaPreLoRA.from_model(model, lr=1e-3, stats="exact", beta2_decay=-0.8, eps=eps) as opt:
+        pairs = opt._group_pairs[0]
+        sums = []
+        for batch in batches:
+            G = true_weight_gradients(model, batch)
+            for module in model.modules():
+                if hasattr(module, "base_layer"):
+                    module.base_layer.weight.requires_grad_(False)
+            sums.append({id(p): ((G[id(p.module)] ** 2).sum(1), (G[id(p.module)] ** 2).sum(0)) for p in pairs})
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+            if len(sums) == 1:  # beta2_1 = 1 - 1^-0.8 = 0: the first step's statistics are its own, unbiased
+                for p in pairs:
+                    torch.testing.assert_close(opt.state[p.B]["row_stats"], sums[0][id(p)][0], rtol=1e-9, atol=1e-20)
+        weight = 2.0 ** -0.8  # 1 - beta2_2
+        for p in pairs:
+            expected = (1 - weight) * sums[0][id(p)][1] + weight * sums[1][id(p)][1]
+            torch.testing.assert_close(opt.state[p.A]["col_stats"], expected, rtol=1e-9, atol=1e-20)
+
+
+def test_scale_parameter_multiplies_each_layers_step_by_its_weight_rms():
+    common = dict(lr=0.01, stats="exact", clip_threshold=None)
+    plain, opt, pairs, _ = _one_step_deltas(make_toy(), **common)
+    scaled, opt_s, _, _ = _one_step_deltas(make_toy(), scale_parameter=True, **common)
+    for p in pairs:
+        rms = max(1e-3, p.module.get_base_layer().weight.detach().square().mean().sqrt().item())
+        for a, b in zip(plain[p.name], scaled[p.name]):
+            torch.testing.assert_close(b, a * rms, rtol=1e-9, atol=1e-15)
+    opt.close()
+    opt_s.close()
+
+
+def test_scale_parameter_refuses_a_quantized_base_weight():
+    model = make_toy()
+    model.fc1.base_layer.weight = torch.nn.Parameter(torch.zeros(7, dtype=torch.uint8), requires_grad=False)
+    with AdaPreLoRA.from_model(model, lr=0.01, scale_parameter=True, stats="tangent") as opt:
+        with pytest.raises(ValueError, match="scale_parameter needs the floating-point base weight of 'fc1'"):
+            opt._weight_rms(next(b for b in opt._buckets if b.pairs[0].name == "fc1"))
+
+
+@pytest.mark.parametrize("adamw_betas", [(0.9, 0.999), (0.5, 0.9)])
+def test_non_pair_parameters_train_with_torch_adamw_and_adamw_betas(adamw_betas):
+    batches = toy_batches(3)
+    model, reference = make_toy(), make_toy()
+    with AdaPreLoRA.from_model(model, lr=0.01, adamw_betas=adamw_betas, weight_decay=0.1) as opt:
+        for group in opt.param_groups:
+            if group["lora"]:
+                group["lr"] = 0.0  # keep the factors still, so both heads see the same features
+        run(model, opt, batches)
+    torch_opt = torch.optim.AdamW(reference.head.parameters(), lr=0.01, betas=adamw_betas, weight_decay=0.1)
+    for batch in batches:
+        reference.zero_grad()
+        loss_fn(reference, batch).backward()
+        torch_opt.step()
+    torch.testing.assert_close(model.head.weight, reference.head.weight, rtol=1e-12, atol=1e-14)

@@ -5,11 +5,10 @@ import torch
 
 from adaprelora_diffusion.optim.closed_form import (
     factored_step,
-    factored_w_step_sq_norm,
+    h_step_rms,
     lorapro_step,
     preconditioned_step,
     tangent_statistics,
-    w_step_sq_norm,
 )
 
 SHAPES = [(7, 5, 2), (6, 9, 1), (5, 8, 5), (4, 4, 4), (12, 10, 3)]  # r = 1 and r = min(m, n) included
@@ -121,20 +120,42 @@ def test_tangent_statistics_at_zero_B_see_only_the_row_space_of_A():
 
 
 @pytest.mark.parametrize("m,n,r", SHAPES)
-def test_w_step_norm_without_forming_the_step(m, n, r):
+def test_h_step_rms_is_the_sqrt_v_weighted_rms_of_the_w_step(m, n, r):
     A, B, G, d1, d2 = problem(m, n, r)
     dA, dB = step(A, B, G, d1, d2)
-    torch.testing.assert_close(w_step_sq_norm(A, B, dA, dB), ((B @ dA + dB @ A) ** 2).sum((1, 2)))
+    Z = B @ dA + dB @ A
+    sqrt_v = d1[:, :, None] * d2[:, None, :]
+    expected = ((sqrt_v * Z**2).sum((1, 2)) / sqrt_v.sum((1, 2))).sqrt()
+    torch.testing.assert_close(h_step_rms(dA, dB, T(B) @ G, G @ T(A), d1, d2), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_h_step_rms_is_the_plain_rms_for_uniform_statistics_and_ignores_their_scale():
+    A, B, G, d1, d2 = problem(9, 7, 3)
+    ones1, ones2 = torch.full_like(d1, 0.7), torch.full_like(d2, 0.7)
+    dA, dB = step(A, B, G, ones1, ones2)
+    rms = (B @ dA + dB @ A).square().mean((1, 2)).sqrt()
+    torch.testing.assert_close(h_step_rms(dA, dB, T(B) @ G, G @ T(A), ones1, ones2), rms, rtol=1e-8, atol=1e-10)
+    # multiplying the statistics by c scales sqrt(V) by c and the step by 1/c: the weighted RMS by 1/c
+    dA3, dB3 = step(A, B, G, 3 * d1, d2)
+    torch.testing.assert_close(h_step_rms(dA3, dB3, T(B) @ G, G @ T(A), 3 * d1, d2),
+                               h_step_rms(*step(A, B, G, d1, d2), T(B) @ G, G @ T(A), d1, d2) / 3)
 
 
 @pytest.mark.parametrize("m,n,r", SHAPES)
-def test_factored_form_and_its_norm(m, n, r):
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_factored_form_and_shared_core(m, n, r, damping):
     A, B, G, d1, d2 = problem(m, n, r)
-    P, Ra, Rb, Q = factored_step(A, B, T(B) @ G, G @ T(A), d1, d2, damping=0.1)
-    dA, dB = preconditioned_step(A, B, T(B) @ G, G @ T(A), d1, d2, damping=0.1)
+    P, Ra, Rb, Q = factored_step(A, B, T(B) @ G, G @ T(A), d1, d2, damping=damping)
+    dA, dB = preconditioned_step(A, B, T(B) @ G, G @ T(A), d1, d2, damping=damping)
     torch.testing.assert_close(P @ Ra, dA)
     torch.testing.assert_close(Rb @ Q, dB)
-    torch.testing.assert_close(factored_w_step_sq_norm(A, B, P, Ra, Rb, Q), ((B @ dA + dB @ A) ** 2).sum((1, 2)))
+    # true gradients: Ga A^T = B^T Gb, so computing it once gives the same step
+    shared = preconditioned_step(A, B, T(B) @ G, G @ T(A), d1, d2, damping=damping, shared_core=True)
+    torch.testing.assert_close(shared, (dA, dB))
+    # momenta of Ga and Gb are not a true gradient pair: the shared core is then a different step
+    Ga2 = T(B) @ G + 0.5 * torch.randn_like(A)
+    separate = preconditioned_step(A, B, Ga2, G @ T(A), d1, d2, damping=damping)
+    assert not torch.allclose(separate[1], preconditioned_step(A, B, Ga2, G @ T(A), d1, d2, damping=damping, shared_core=True)[1])
 
 
 @pytest.mark.parametrize("m,n,r", SHAPES)

@@ -78,8 +78,13 @@ def test_optimizer_kwargs_maps_trainer_settings_to_each_optimizers_arguments():
     assert set(OPTIMIZER_SETTINGS) == set(OPTIMIZERS)
     settings = {"betas": (0.8, 0.99), "weight_decay": 0.1, "adam_epsilon": 1e-7, "seed": 3, "adaprelora_stats": "exact",
                 "adaprelora_clip_threshold": None, "loraplus_lr_ratio": 4.0, "scaled_adamw_reg": 0.5, "lorapro_damping": 0.2}
-    assert optimizer_kwargs("adaprelora", settings) == dict(betas=(0.8, 0.99), weight_decay=0.1, adamw_eps=1e-7, seed=3,
+    # Adam's flags reach AdaPreLoRA's AdamW group; its own betas come from its own two flags, as one tuple
+    assert optimizer_kwargs("adaprelora", settings) == dict(adamw_betas=(0.8, 0.99), weight_decay=0.1, adamw_eps=1e-7, seed=3,
                                                              stats="exact", clip_threshold=None)
+    both = {**settings, "adaprelora_beta1": 0.5, "adaprelora_beta2": 0.9, "adaprelora_beta2_decay": -0.8}
+    assert optimizer_kwargs("adaprelora", both)["betas"] == (0.5, 0.9)
+    assert optimizer_kwargs("adaprelora", both)["beta2_decay"] == -0.8
+    assert "betas" not in optimizer_kwargs("adaprelora", {**settings, "adaprelora_beta1": 0.5})  # half a tuple: default
     assert optimizer_kwargs("loraplus", settings)["loraplus_lr_ratio"] == 4.0
     assert optimizer_kwargs("scaled_adamw", settings)["reg"] == 0.5
     assert optimizer_kwargs("lorapro", settings)["damping"] == 0.2
