@@ -107,7 +107,9 @@ TASK_GRIDS = {
 }
 
 # label -> (make_optimizer name, kwargs, family). AdaPreLoRA variants change one setting each
-# from its defaults (stats="sketch", balance=0.5, betas=(0.9, 0.999)).
+# from its defaults (stats="sketch", balance=0.5, betas=(0, 0.999), fixed beta2 with bias
+# correction, lr on W, clip 1.0). With scale_parameter the lr is relative to each layer's weight
+# RMS, as Adafactor's, so those variants sweep Adafactor's grid.
 CONFIGS = {
     "adamw": ("adamw", {}, "adam"),
     "loraplus": ("loraplus", {}, "loraplus"),
@@ -120,8 +122,19 @@ CONFIGS = {
     "adaprelora[tangent]": ("adaprelora", {"stats": "tangent"}, "adam"),
     "adaprelora[balance=0]": ("adaprelora", {"balance": 0.0}, "adam"),
     "adaprelora[balance=1]": ("adaprelora", {"balance": 1.0}, "adam"),
-    "adaprelora[beta1=0]": ("adaprelora", {"betas": (0.0, 0.999)}, "adam"),
+    "adaprelora[beta1=0.9]": ("adaprelora", {"betas": (0.9, 0.999)}, "adam"),
+    "adaprelora[beta2_decay=-0.8]": ("adaprelora", {"beta2_decay": -0.8}, "adam"),
+    "adaprelora[scale_parameter]": ("adaprelora", {"scale_parameter": True}, "adafactor"),
+    "adaprelora[adafactor-like]": ("adaprelora", {"beta2_decay": -0.8, "scale_parameter": True}, "adafactor"),
+    "adaprelora[clip=off]": ("adaprelora", {"clip_threshold": None}, "adam"),
+    "adaprelora[clip=0.3]": ("adaprelora", {"clip_threshold": 0.3}, "adam"),
+    "adaprelora[eps=1e-14]": ("adaprelora", {"eps": 1e-14}, "adam"),
+    "adaprelora[damping=0.01]": ("adaprelora", {"damping": 0.01}, "adam"),
 }
+#: The v2 ablation (docs/optimizer_quality.md): the baselines to beat and one change per row.
+V2_CONFIGS = ["adamw", "adafactor", "adaprelora", "adaprelora[beta1=0.9]", "adaprelora[beta2_decay=-0.8]",
+              "adaprelora[scale_parameter]", "adaprelora[adafactor-like]", "adaprelora[clip=off]", "adaprelora[clip=0.3]",
+              "adaprelora[eps=1e-14]", "adaprelora[damping=0.01]"]
 QUICK_CONFIGS = ["adamw", "adaprelora", "lorapro"]
 # The speed goal, tested literally: each of these configs re-runs its best lr with only
 # SHORT_BUDGET x the steps (its own cosine to 0, fresh seeds) against AdamW's full-budget final.
@@ -181,8 +194,10 @@ LR_FROM = {"T3-prior": "T3"}
 TASK_CONFIGS = {"T3-prior": ["adamw", "loraplus", "adafactor", "adaprelora"]}
 
 
-def grid_for(task_name: str, family: str, quick: bool, override) -> tuple[float, ...]:
+def grid_for(task_name: str, family: str, quick: bool, override, fine: bool = False) -> tuple[float, ...]:
     grid = tuple(override) if override else TASK_GRIDS.get(task_name, {}).get(family, FAMILY_GRIDS[family])
+    if fine and not override:  # quarter decades: the geometric mean between neighbours
+        grid = tuple(sorted(set(grid) | {float(f"{math.sqrt(a * b):.3g}") for a, b in zip(grid, grid[1:])}))
     if quick and not override:
         mid = len(grid) // 2
         grid = grid[mid - 1 : mid + 1]
@@ -347,6 +362,7 @@ def main(argv=None):
     parser.add_argument("--optimizers", nargs="+", choices=list(CONFIGS), help="config labels (default: all; --quick: a few)")
     parser.add_argument("--seeds", type=int, help="seeds per lr (default 3; --quick: 1)")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="one lr grid for every config (overrides family grids)")
+    parser.add_argument("--fine", action="store_true", help="quarter-decade grids (each family's grid with its midpoints)")
     parser.add_argument("--extend", type=int, help="max grid points added past an edge hit (default 2; --quick: 0)")
     parser.add_argument("--same-seeds", action="store_true",
                         help="report the sweep's own seeds at the best lr instead of re-running it on fresh seeds "
@@ -406,7 +422,7 @@ def main(argv=None):
             task_labels = [lab for lab in task_labels if lab in best_lrs[LR_FROM[task_name]]]
         for label in task_labels:
             name, kwargs, family = CONFIGS[label]
-            config = Config(label, name, kwargs, grid_for(task_name, family, args.quick, args.lr_grid))
+            config = Config(label, name, kwargs, grid_for(task_name, family, args.quick, args.lr_grid, args.fine))
             t0 = time.perf_counter()
             if task_name in LR_FROM:
                 lr = best_lrs[LR_FROM[task_name]][label]

@@ -97,6 +97,7 @@ class TrainConfig:
     adaprelora_beta2: float = _help("AdaPreLoRA statistics' EMA decay (when --adaprelora_beta2_decay is off)", default=0.999)
     adaprelora_beta2_decay: float | None = _help("AdaPreLoRA statistics' decay schedule 1 - t^x, e.g. -0.8 as Adafactor "
                                                  "(0: off, use --adaprelora_beta2)", default=None)
+    adaprelora_eps: float = _help("AdaPreLoRA: added to every entry of G^2 in its statistics", default=1e-30)
     adaprelora_scale_parameter: bool = _help("AdaPreLoRA lr relative to each layer's weight RMS (Adafactor's relative step)",
                                              default=False)
     adaprelora_stats: str = _help(f"AdaPreLoRA statistics: {', '.join(STATS_CHOICES)}", default=DEFAULT_STATS)

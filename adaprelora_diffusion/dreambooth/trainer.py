@@ -365,7 +365,7 @@ FIXED_ON_RESUME = ("pretrained_model_name_or_path", "revision", "variant", "inst
                    "center_crop", "random_flip", "repeats", "rank", "lora_alpha", "lora_dropout", "lora_target_modules",
                    "use_rslora", "train_text_encoder", "optimizer", "train_batch_size", "gradient_accumulation_steps",
                    "cache_latents", "seed", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-                   "adaprelora_beta1", "adaprelora_beta2", "adaprelora_beta2_decay", "adaprelora_scale_parameter",
+                   "adaprelora_beta1", "adaprelora_beta2", "adaprelora_beta2_decay", "adaprelora_eps", "adaprelora_scale_parameter",
                    "adaprelora_stats", "adaprelora_damping", "adaprelora_balance", "adaprelora_clip_threshold",
                    "adaprelora_momentum", "loraplus_lr_ratio", "scaled_adamw_reg", "lorapro_damping")
 _NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_dir", "debug")

@@ -28,6 +28,7 @@ class AdaPreLoRASettings:
     beta2: float = field(default=0.999, metadata={"help": "statistics' EMA decay (when beta2_decay is off)"})
     beta2_decay: float | None = field(default=None, metadata={
         "help": "statistics' decay schedule 1 - t^x, e.g. -0.8 as Adafactor (0: off, use beta2)"})
+    eps: float = field(default=1e-30, metadata={"help": "added to every entry of G^2 in the statistics"})
     scale_parameter: bool = field(default=False, metadata={
         "help": "lr relative to each layer's weight RMS (Adafactor's relative step)"})
     stats: str = field(default=DEFAULT_STATS, metadata={

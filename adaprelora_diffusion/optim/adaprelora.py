@@ -15,6 +15,8 @@ from .base import Gathered, LoraPairOptimizer, _check
 from .closed_form import adafactor_scales, factored_step, h_step_rms, tangent_statistics
 from .statistics import STATS_MODES, HookStatistics
 
+_TINY = 1e-30
+
 __all__ = ["AdaPreLoRA", "DEFAULT_STATS", "MOMENTUM_CHOICES", "STATS_CHOICES"]
 
 # Chosen by benchmarks/optimizer_quality.py: sketch ties exact on T1-T3 at half of exact's
@@ -210,8 +212,8 @@ class AdaPreLoRA(LoraPairOptimizer):
         # Ratio of the gradient step() receives to the one the hooks saw (1 unless a GradScaler
         # unscaled, or clipping rescaled, the gradients in between): one global least-squares
         # fit of B.grad ~ rho * (grad_z^T h), over every hooked pair.
-        num = sum((w.grad_B * b[2]).sum() for w, b in zip(work, per_bucket))
-        den = sum(b[2].square().sum() for b in per_bucket)
+        num = sum(torch.linalg.vecdot(w.grad_B.flatten(), b[2].flatten()) for w, b in zip(work, per_bucket))
+        den = sum(torch.linalg.vecdot(b[2].flatten(), b[2].flatten()) for b in per_bucket)
         rho = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
         prepared: dict[str, Any] = {"rho": rho}
         for w, (a, b, _, counts) in zip(work, per_bucket):
@@ -329,10 +331,22 @@ class AdaPreLoRA(LoraPairOptimizer):
             Gb = self._ema_scaled(state.get("exp_avg_B"), w.grad_B, None, beta1, active)
             g = inv_s / (1.0 - beta1 ** step.clamp_min(1.0)) if beta1 > 0.0 else inv_s
             P, Ra, Rb, Q = factored_step(A, B, Ga, Gb, d1, d2, shared_core=beta1 == 0.0, **solve)
-            dA, dB = torch.bmm(P, Ra), torch.bmm(Rb, Q)
-            coef = lr * inv_s * g  # A <- A - (lr / s) * g * dA, and the same for B
+            # A <- A - (lr / s) * g * dA, and the same for B: the factor goes into the r x r P and
+            # Q, so the products give the final parameter deltas directly.
+            coef = lr * inv_s * g
+            neg = -coef[:, None, None]
+            delta_A, delta_B = torch.bmm(P * neg, Ra), torch.bmm(Rb, Q * neg)
             if clip is not None:
-                coef = coef / (h_step_rms(dA, dB, Ga, Gb, d1, d2) * g / clip).clamp_min(1.0)
+                unscale = torch.where(coef > 0, -g * g / coef.clamp_min(_TINY), torch.zeros_like(coef))
+                factor = (h_step_rms(delta_A, delta_B, Ga, Gb, d1, d2, scale=unscale) / clip).clamp_min(1.0)
+                # Clipping rarely acts: on the CPU checking costs nothing and saves two passes; on an
+                # accelerator the check would be a device sync, and the multiply is cheap there.
+                if delta_A.device.type != "cpu" or bool((factor > 1.0).any()):
+                    shrink = factor.reciprocal()[:, None, None]
+                    delta_A, delta_B = delta_A.mul_(shrink), delta_B.mul_(shrink)
+            self._apply_delta(bucket.As, delta_A, active, decay)
+            self._apply_delta(bucket.Bs, delta_B, active, decay)
+            return
         else:
             # Adafactor's placement: momentum of the (clipped) solved directions.
             P, Ra, Rb, Q = factored_step(A, B, w.grad_A, w.grad_B, d1, d2, shared_core=True, **solve)

@@ -142,7 +142,7 @@ def preconditioned_step(
     return torch.bmm(P, Ra), torch.bmm(Rb, Q)
 
 
-def h_step_rms(dA: Tensor, dB: Tensor, Ga: Tensor, Gb: Tensor, d1: Tensor, d2: Tensor) -> Tensor:
+def h_step_rms(dA: Tensor, dB: Tensor, Ga: Tensor, Gb: Tensor, d1: Tensor, d2: Tensor, scale: Tensor | None = None) -> Tensor:
     """RMS of the W-step `Z = B dA + dB A` in H's metric, per module, from two dot products.
 
     `<G, Z> = <B^T G, dA> + <G A^T, dB> = <Ga, dA> + <Gb, dB>`, and because Z is the
@@ -151,9 +151,12 @@ def h_step_rms(dA: Tensor, dB: Tensor, Ga: Tensor, Gb: Tensor, d1: Tensor, d2: T
     sum(d1) sum(d2)` gives the sqrt(V)-weighted mean of `Z^2`: the plain RMS of Z when V is
     uniform, and the quantity Adafactor clips (the RMS of `G / sqrt(V)`) for a step that is not
     projected. It costs one read of the factor-sized tensors; the Frobenius RMS of Z needs six
-    more (m or n) x r x r products (`B^T B`, `A A^T`, ... ; see the design note).
+    more (m or n) x r x r products (`B^T B`, `A A^T`, ... ; see the design note). ``scale`` (k,)
+    undoes a per-module factor already applied to `(dA, dB)`.
     """
     q = torch.linalg.vecdot(dA.flatten(1), Ga.flatten(1)) + torch.linalg.vecdot(dB.flatten(1), Gb.flatten(1))
+    if scale is not None:
+        q = q * scale
     total = d1.sum(-1) * d2.sum(-1)
     return (q.clamp_min(0.0) / total.clamp_min(_TINY)).sqrt()
 

@@ -142,7 +142,7 @@ def make_optimizer(name: str, model: ModelSpec, lr: float, **kwargs) -> Optimize
 _ADAM = {"betas": "betas", "weight_decay": "weight_decay", "adam_epsilon": "eps"}
 OPTIMIZER_SETTINGS: dict[str, dict[str | tuple[str, ...], str]] = {
     "adaprelora": {"betas": "adamw_betas", "weight_decay": "weight_decay", "adam_epsilon": "adamw_eps", "seed": "seed",
-                   ("adaprelora_beta1", "adaprelora_beta2"): "betas", "adaprelora_beta2_decay": "beta2_decay",
+                   ("adaprelora_beta1", "adaprelora_beta2"): "betas", "adaprelora_beta2_decay": "beta2_decay", "adaprelora_eps": "eps",
                    "adaprelora_scale_parameter": "scale_parameter", "adaprelora_stats": "stats",
                    "adaprelora_damping": "damping", "adaprelora_balance": "balance",
                    "adaprelora_clip_threshold": "clip_threshold", "adaprelora_momentum": "momentum"},

@@ -92,7 +92,7 @@ class HookStatistics:
         # "did every hook fire?" needs no device sync (see `silent`).
         self.fired = [0] * len(self.pairs)
         self.step = 0
-        self._sketches: dict[int, tuple[Tensor, Tensor]] = {}
+        self._sketches: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
         self._handles = []
         for index, pair in enumerate(self.pairs):
             self._install(index, pair)
@@ -139,17 +139,22 @@ class HookStatistics:
     def sketch_matrices(self, index: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """S1 (n x k) and S2 (m x k) of pair `index` for the current step, entries N(0, 1/k).
 
-        Drawn from a generator seeded by (seed, step, index) alone, so they are the same on every
-        rank and for every micro-batch of a step, and a resumed run draws the same ones.
+        Shared by the pairs of one group (same shape): each pair's estimate stays unbiased, and
+        one draw per shape instead of one per layer keeps the Gaussian sampling, which cost about
+        as much as the sketches themselves, out of backward. Drawn from a generator seeded by
+        (seed, step, group) alone, so they are the same on every rank and for every micro-batch
+        of a step, and a resumed run draws the same ones.
         """
-        if index not in self._sketches:
+        gi = self._slot[index][0]
+        key = (gi, like.dtype)
+        if key not in self._sketches:
             m, n, _ = self.pairs[index].shape
             k = self.sketch_dim
             gen = torch.Generator(device=like.device)
-            gen.manual_seed((self.seed * 1_000_003 + self.step) * 10_007 + index)
+            gen.manual_seed((self.seed * 1_000_003 + self.step) * 10_007 + gi)
             draw = torch.randn(n + m, k, generator=gen, device=like.device, dtype=like.dtype).mul_(1.0 / math.sqrt(k))
-            self._sketches[index] = (draw[:n], draw[n:])
-        return self._sketches[index]
+            self._sketches[key] = (draw[:n], draw[n:])
+        return self._sketches[key]
 
     @torch.no_grad()
     def _accumulate(self, index: int, x: Tensor, h: Tensor, grad_z: Tensor | None) -> None:
@@ -203,7 +208,7 @@ class HookStatistics:
         """Turn stacked accumulated buffers into row and column sums of `G * G` (estimates)."""
         if self.mode == "exact":
             return a, b
-        return a.square().sum(-1), b.square().sum(-2)
+        return torch.linalg.vecdot(a, a, dim=-1), torch.linalg.vecdot(b, b, dim=-2)  # one read, no temporary
 
     # -- life cycle ----------------------------------------------------------------------
     def silent(self) -> list[int]:

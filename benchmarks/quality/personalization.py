@@ -62,7 +62,8 @@ CLASS_PROMPT = "a photo of a robot"
 #: harness Config.kwargs -> TrainConfig fields (the trainer's flags), for the AdaPreLoRA variants.
 _KWARG_FIELDS = {
     "stats": "adaprelora_stats", "balance": "adaprelora_balance", "damping": "adaprelora_damping",
-    "clip_threshold": "adaprelora_clip_threshold", "momentum": "adaprelora_momentum",
+    "clip_threshold": "adaprelora_clip_threshold", "momentum": "adaprelora_momentum", "eps": "adaprelora_eps",
+    "beta2_decay": "adaprelora_beta2_decay", "scale_parameter": "adaprelora_scale_parameter",
 }
 
 
@@ -216,7 +217,8 @@ class Personalization:
         fields = {}
         for key, value in config.kwargs.items():
             if key == "betas":
-                fields.update(adam_beta1=value[0], adam_beta2=value[1])
+                prefix = "adaprelora" if config.optimizer == "adaprelora" else "adam"
+                fields.update({f"{prefix}_beta1": value[0], f"{prefix}_beta2": value[1]})
             elif key in _KWARG_FIELDS:
                 fields[_KWARG_FIELDS[key]] = value
             else:

@@ -462,3 +462,14 @@ def test_non_pair_parameters_train_with_torch_adamw_and_adamw_betas(adamw_betas)
         loss_fn(reference, batch).backward()
         torch_opt.step()
     torch.testing.assert_close(model.head.weight, reference.head.weight, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.999), (0.9, 0.999)])
+def test_a_zero_lr_step_leaves_the_factors_unchanged(betas):
+    """lr = 0 happens at the first warmup step; the clip's rescaling must not turn 0 into NaN."""
+    model = make_toy()
+    before = [p.detach().clone() for p in model.parameters()]
+    with AdaPreLoRA.from_model(model, lr=0.0, betas=betas, clip_threshold=1e-6) as opt:
+        run(model, opt, toy_batches(2))
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
