@@ -335,7 +335,8 @@ class AdaPreLoRA(LoraPairOptimizer):
             # Q, so the products give the final parameter deltas directly.
             coef = lr * inv_s * g
             neg = -coef[:, None, None]
-            delta_A, delta_B = torch.bmm(P * neg, Ra), torch.bmm(Rb, Q * neg)
+            # into the gathered stacks of A and B, which the solve no longer needs: no new buffers
+            delta_A, delta_B = torch.bmm(P * neg, Ra, out=A), torch.bmm(Rb, Q * neg, out=B)
             if clip is not None:
                 unscale = torch.where(coef > 0, -g * g / coef.clamp_min(_TINY), torch.zeros_like(coef))
                 factor = (h_step_rms(delta_A, delta_B, Ga, Gb, d1, d2, scale=unscale) / clip).clamp_min(1.0)

@@ -99,15 +99,21 @@ def factored_step(
     `B^T G A^T`), so ``shared_core=True`` computes it once; momenta of Ga and Gb differ and
     need both.
     """
-    KB = torch.bmm(_t(B) * d1[:, None, :], B)
-    KA = torch.bmm(A * d2[:, None, :], _t(A))
+    # Two factor-sized temporaries, each reused for the residual of its own factor: on a CPU every
+    # fresh large buffer is paid again in page faults, at the cost of a pass over it.
+    scaled_B = B * d1[:, :, None]
+    KB = torch.bmm(_t(B), scaled_B)
+    scaled_A = A * d2[:, None, :]
+    KA = torch.bmm(scaled_A, _t(A))
     delta = relative_damping(KB, KA, damping)
     P = damped_inverse(KB, delta)
     Q = damped_inverse(KA, delta)
     core_a = torch.bmm(Ga, _t(A))
     core_b = core_a if shared_core else torch.bmm(_t(B), Gb)
-    Ra = torch.baddbmm(Ga / d2[:, None, :], torch.bmm(core_a, Q), A, alpha=-(1.0 - balance))
-    Rb = torch.baddbmm(Gb / d1[:, :, None], B, torch.bmm(P, core_b), alpha=-balance)
+    Ra = torch.mul(Ga, d2.reciprocal()[:, None, :], out=scaled_A)
+    Ra.baddbmm_(torch.bmm(core_a, Q), A, alpha=-(1.0 - balance))
+    Rb = torch.mul(Gb, d1.reciprocal()[:, :, None], out=scaled_B)
+    Rb.baddbmm_(B, torch.bmm(P, core_b), alpha=-balance)
     return P, Ra, Rb, Q
 
 
