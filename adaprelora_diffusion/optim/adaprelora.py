@@ -44,14 +44,20 @@ class AdaPreLoRA(LoraPairOptimizer):
         A \leftarrow A - (lr / s)\, dA,\qquad B \leftarrow B - (lr / s)\, dB
 
     so W moves by `-lr (B dA + dB A)`, the H-projection of Adafactor's direction onto the
-    LoRA tangent space: ``lr`` means what Adam's lr means on W, independent of rank and alpha.
+    LoRA tangent space: ``lr`` means what Adam's lr means on W, independent of rank and alpha
+    (with ``scale_parameter`` it is relative to each layer's weight RMS, as Adafactor's).
     ``delta = damping * (tr K_B + tr K_A) / (2 r)`` (relative: B = 0 at init makes K_B
     singular, and a damping relative to both traces bounds the A-step while B grows).
-    The RMS of the W-step is clipped to ``clip_threshold`` as in Adafactor (computed from
-    r x r products, never forming m x n). Momentum (``betas[0]``) is an EMA of the factor
-    gradients used in the solve (``momentum="gradient"``, as in Adam) or of the solved
-    directions (``momentum="update"``, as in Adafactor). State per module: m + n statistics
-    plus (m + n) r momenta, about half of AdamW's 2 (m + n) r.
+    The step is clipped as Adafactor clips its update, to ``clip_threshold``, measured as the
+    sqrt(V)-weighted RMS of the W-step, `sqrt(<G, Z> / sum sqrt(V))`, which two dot products
+    give (see `closed_form.h_step_rms`). The statistics decay with ``betas[1]`` and Adam's bias
+    correction, or with Adafactor's schedule `1 - t^beta2_decay`.
+
+    The default is the momentum-free rule (``betas[0] = 0``, the paper's Algorithm 1): state
+    per module is the m + n statistics, about 1 / (2 r) of AdamW's 2 (m + n) r. With
+    ``betas[0] > 0`` a momentum of the factor gradients is used in the solve
+    (``momentum="gradient"``, as in Adam) or of the solved directions (``momentum="update"``,
+    as in Adafactor), and (m + n) r more floats are kept.
 
     ``stats`` chooses where R and C come from: ``"exact"`` (hooks form G per layer in
     backward), ``"sketch"`` (hooks, unbiased Gaussian sketch, LoRA-sized cost, exact under
@@ -62,23 +68,26 @@ class AdaPreLoRA(LoraPairOptimizer):
 
     Trainable parameters that are not LoRA pairs (biases, heads, embeddings, DoRA
     magnitudes, LoRA factors of layer types the closed form does not cover) are trained
-    with AdamW (``betas``, ``weight_decay``, ``adamw_eps``) inside this optimizer.
+    with AdamW (``adamw_betas``, ``weight_decay``, ``adamw_eps``) inside this optimizer.
 
     A step whose gradients or statistics contain inf/NaN is skipped: parameters and state
     stay unchanged, ``skipped_steps`` counts it and a RuntimeWarning says so.
 
-    Defaults and their evidence (benchmarks/optimizer_quality.py: every setting at its own
-    best lr, 3 fresh seeds; benchmarks/adaprelora_ablation.py: T1 with 9 more paired seeds):
+    Defaults and their evidence (benchmarks/optimizer_quality.py, every setting at its own best
+    lr; the tables are in docs/optimizer_quality.md, "Version 2"):
 
-    * ``lr``: the best lr equals AdamW's on the same LoRA or is up to 3x lower (T1 0.0316 vs
-      0.1, T2 0.0178 vs 0.0316, T3 equal, T4 0.001 vs 0.00316); 1e-4 is the usual AdamW LoRA lr of SD and LLMs.
+    * ``betas=(0.0, 0.999)``: momentum-free. On T1 it ends at 6.5e-5 excess MSE against 8.8e-5
+      with ``betas[0] = 0.9`` (AdamW 2.0e-4, Adafactor 1.2e-4), and it keeps no momentum buffers.
+    * ``beta2_decay=None``: Adafactor's schedule ends at 8.2e-5 on T1 (fixed 0.999: 6.5e-5).
+    * ``scale_parameter=False``: relative steps end at 7.5e-5 on T1.
+    * ``clip_threshold=1.0``: never acts on T1 (the same result with clipping off); a bound for
+      bad steps.
+    * ``eps=1e-30``: 1e-14 (torch Adafactor's floor) changes nothing on T1.
+    * ``damping=0.1``: 0.01 ends at 7.4e-5 on T1; earlier sweeps: 0.01-0.3 tie, 1.0 is worse.
     * ``stats="sketch"``: equal to "exact" on T1-T3 at half its backward cost (see DEFAULT_STATS).
-    * ``damping=0.1``: 0.01-0.3 tie on T1 within seed noise; 1.0 is worse.
-    * ``clip_threshold=1.0``: never triggers on T1 (largest update RMS 0.46); a bound for bad steps.
-    * ``momentum="gradient"``: equal to "update" on T1.
     * ``balance=0.5``: 0 is 9% better on T1 but ties on T2 and T3; 1 is worse on T3.
-    * ``betas=(0.9, 0.999)``: the design's default. ``(0.0, 0.999)`` ties once each setting gets
-      a fine lr grid and enough seeds (T1 9 paired seeds; T2 1.236 vs 1.239; T3 0.1382 vs 0.1381).
+    * ``lr``: the best lr equals AdamW's or is up to 3x lower; 1e-4 is the usual AdamW LoRA lr
+      of SD and LLMs.
 
     Build it with :meth:`from_model`.
     """

@@ -31,6 +31,19 @@ def test_flags_parse_into_the_config():
     assert cfg.adaprelora_clip_threshold is None and cfg.max_grad_norm is None
 
 
+def test_adaprelora_flags_reach_the_optimizer_and_adam_flags_its_adamw_group():
+    from adaprelora_diffusion.optim import optimizer_kwargs
+
+    cfg = parse_config(["--adaprelora_beta1", "0.5", "--adaprelora_beta2_decay", "-0.8", "--adaprelora_scale_parameter",
+                        "--adaprelora_eps", "1e-20", "--adam_beta1", "0.7"])
+    kwargs = optimizer_kwargs("adaprelora", cfg.optimizer_settings())
+    assert kwargs["betas"] == (0.5, 0.999) and kwargs["adamw_betas"] == (0.7, 0.999)
+    assert kwargs["beta2_decay"] == -0.8 and kwargs["scale_parameter"] is True and kwargs["eps"] == 1e-20
+    defaults = optimizer_kwargs("adaprelora", parse_config([]).optimizer_settings())
+    assert defaults["betas"] == (0.0, 0.999) and defaults["beta2_decay"] is None  # momentum-free, fixed beta2
+    assert parse_config(["--adaprelora_beta2_decay", "0"]).adaprelora_beta2_decay is None  # 0 turns the schedule off
+
+
 def env_for(tiny_pipeline_dir):
     return {**os.environ, "ADAPRELORA_CACHE": str(tiny_pipeline_dir.parent), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 

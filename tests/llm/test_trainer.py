@@ -49,7 +49,7 @@ def test_the_plain_trainer_path_and_the_factory_train_like_adapreloratrainer(tmp
     args = targs(tmp_path, weight_decay=0.1, adam_beta1=0.5)
     ours = trainable(train(peft_llama(tiny_llama_dir), args).model)
     model = peft_llama(tiny_llama_dir)
-    optimizer = make_optimizer("adaprelora", model, lr=args.learning_rate, weight_decay=0.1, betas=(0.5, 0.999), seed=0)
+    optimizer = make_optimizer("adaprelora", model, lr=args.learning_rate, weight_decay=0.1, adamw_betas=(0.5, 0.999), seed=0)
     plain = trainable(train(model, args, cls=Trainer, optimizers=(optimizer, None)).model)
     factory = trainable(train(peft_llama(tiny_llama_dir), args, cls=Trainer,
                               optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args)).model)
@@ -59,11 +59,14 @@ def test_the_plain_trainer_path_and_the_factory_train_like_adapreloratrainer(tmp
 
 def test_training_arguments_and_settings_reach_the_optimizer(tmp_path, tiny_llama_dir):
     args = targs(tmp_path, max_steps=1, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6, seed=7)
-    trainer = train(peft_llama(tiny_llama_dir), args, adaprelora=AdaPreLoRASettings(stats="exact", damping=0.3, balance=0.25))
+    settings = AdaPreLoRASettings(stats="exact", damping=0.3, balance=0.25, beta1=0.5, beta2_decay=-0.8, scale_parameter=True)
+    trainer = train(peft_llama(tiny_llama_dir), args, adaprelora=settings)
     opt = unwrap_optimizer(trainer.optimizer)
     group = opt.param_groups[0]
-    assert (group["weight_decay"], group["betas"], group["adamw_eps"], group["damping"], group["balance"]) == (
+    # Adam's arguments reach the AdamW group; AdaPreLoRA's own betas come from its settings
+    assert (group["weight_decay"], group["adamw_betas"], group["adamw_eps"], group["damping"], group["balance"]) == (
         0.05, (0.8, 0.99), 1e-6, 0.3, 0.25)
+    assert (group["betas"], group["beta2_decay"], group["scale_parameter"]) == ((0.5, 0.999), -0.8, True)
     assert opt.stats == "exact"
 
 
