@@ -130,6 +130,8 @@ CONFIGS = {
     "adaprelora[clip=0.3]": ("adaprelora", {"clip_threshold": 0.3}, "adam"),
     "adaprelora[eps=1e-14]": ("adaprelora", {"eps": 1e-14}, "adam"),
     "adaprelora[damping=0.01]": ("adaprelora", {"damping": 0.01}, "adam"),
+    # weight averaging is the harness's (benchmarks/quality/harness.WeightAverage), not an optimizer argument
+    "adaprelora[average=0.9]": ("adaprelora", {"weight_average": 0.9}, "adam"),
 }
 #: The v2 ablation (docs/optimizer_quality.md): the baselines to beat and one change per row.
 V2_CONFIGS = ["adamw", "adafactor", "adaprelora", "adaprelora[beta1=0.9]", "adaprelora[beta2_decay=-0.8]",
@@ -422,7 +424,9 @@ def main(argv=None):
             task_labels = [lab for lab in task_labels if lab in best_lrs[LR_FROM[task_name]]]
         for label in task_labels:
             name, kwargs, family = CONFIGS[label]
-            config = Config(label, name, kwargs, grid_for(task_name, family, args.quick, args.lr_grid, args.fine))
+            kwargs = dict(kwargs)
+            average = kwargs.pop("weight_average", None)
+            config = Config(label, name, kwargs, grid_for(task_name, family, args.quick, args.lr_grid, args.fine), average)
             t0 = time.perf_counter()
             if task_name in LR_FROM:
                 lr = best_lrs[LR_FROM[task_name]][label]

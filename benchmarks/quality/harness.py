@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +22,7 @@ from torch import nn
 from adaprelora_diffusion.optim import make_optimizer
 
 __all__ = [
-    "SCHEDULES", "Config", "ConfigResult", "Instance", "RunResult", "Task", "mean_curve", "run_one", "state_bytes", "steps_to_reach", "sweep",
+    "SCHEDULES", "WeightAverage", "Config", "ConfigResult", "Instance", "RunResult", "Task", "mean_curve", "run_one", "state_bytes", "steps_to_reach", "sweep",
 ]
 
 
@@ -67,6 +68,38 @@ class Config:
     optimizer: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     grid: tuple[float, ...] = ()
+    average: float | None = None  # evaluate an EMA of the trainable weights with this decay (see WeightAverage)
+
+
+class WeightAverage:
+    """An EMA of a model's trainable parameters that evaluation swaps in (averaging over recent steps).
+
+    Written here rather than with `torch.optim.swa_utils.AveragedModel`, which keeps a deep copy of
+    the whole model (frozen base included, and the optimizer's statistics hooks with it): this keeps
+    one copy of the trainable tensors and swaps them in place.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"weight average decay must be in (0, 1), got {decay!r}.")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_([p.detach() for p in self.params], self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], current)
 
 
 @dataclass
@@ -144,6 +177,7 @@ def run_one(task: Task, config: Config, lr: float, seed: int, schedule: str = "c
     inst = task.build(seed)
     optimizer = make_optimizer(config.optimizer, inst.model, lr=lr, **config.kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(schedule, task.steps))
+    average = WeightAverage(inst.model, config.average) if config.average else None
     primary = task.metrics[0]
     eval_steps, curve, losses = [], [], []
     peak, diverged = 0, False
@@ -158,10 +192,16 @@ def run_one(task: Task, config: Config, lr: float, seed: int, schedule: str = "c
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update()
             losses.append(loss)
             if step == 0 or (step + 1) % task.eval_every == 0 or step + 1 == task.steps:
                 peak = max(peak, state_bytes(optimizer))
-                final = task.evaluate(inst)
+                if average is not None:
+                    with average.swapped():
+                        final = task.evaluate(inst)
+                else:
+                    final = task.evaluate(inst)
                 if not all(math.isfinite(v) for v in final.values()):
                     diverged = True
                     break

@@ -214,6 +214,8 @@ class Personalization:
 
     def train_config(self, config: Config, lr: float, seed: int, schedule: str, output_dir: Path) -> TrainConfig:
         """The trainer's settings for one run: its defaults, plus the run's optimizer, lr and seed."""
+        if config.average:
+            raise ValueError("T3 runs the project's trainer, which has no weight averaging: drop the config's average.")
         fields = {}
         for key, value in config.kwargs.items():
             if key == "betas":

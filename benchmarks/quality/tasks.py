@@ -28,7 +28,7 @@ from torch import nn
 
 from adaprelora_diffusion.demo.tiny_pipeline import default_cache_dir
 from adaprelora_diffusion.engine.atomic import atomic_write
-from .harness import Config, Instance, RunResult, state_bytes
+from .harness import Config, Instance, RunResult, WeightAverage, state_bytes
 
 __all__ = ["LanguageAdaptation", "LowRankRegression", "PretrainSpec", "quality_cache_dir"]
 
@@ -363,6 +363,7 @@ class LanguageAdaptation:
         labels[:, :2] = -100
         rows = [{"input_ids": x, "labels": y} for x, y in zip(inst.data, labels)]
         optimizer = make_optimizer(config.optimizer, inst.model, lr=lr, **config.kwargs)
+        average = WeightAverage(inst.model, config.average) if config.average else None
         eval_steps, curve, losses, final, peak = [], [], [], {}, 0
         task = self
 
@@ -370,11 +371,17 @@ class LanguageAdaptation:
             def on_step_end(self, args, state, control, **kwargs):
                 nonlocal final, peak
                 step = state.global_step
+                if average is not None:
+                    average.update()
                 if not math.isfinite(losses[-1]):
                     control.should_training_stop = True
                 elif step == 1 or step % task.eval_every == 0 or step == task.steps:
                     peak = max(peak, state_bytes(optimizer))
-                    final = task.evaluate(inst)
+                    if average is not None:
+                        with average.swapped():
+                            final = task.evaluate(inst)
+                    else:
+                        final = task.evaluate(inst)
                     eval_steps.append(step)
                     curve.append(final[task.metrics[0]])
                     control.should_training_stop = not all(math.isfinite(v) for v in final.values())
