@@ -26,9 +26,9 @@ Protocol, per rank:
   figure moved between repeats on this machine, and ratios within it are not distinguishable.
 * State bytes are counted once per optimizer after the run, storages shared by views once.
 
-The one command (ranks 16 and 64, 7 configs x 2 starts, 3 + 30 rounds, 3 repeats, 16 tokens: an
-estimated 11-13 minutes on an idle 2-core CPU (from short calibration runs), most of it rank 64's
-steps; run it on an otherwise idle machine, since anything else running inflates every figure):
+The one command, which reproduces the README's table (ranks 16 and 64; adamw, adaprelora and
+adafactor x 2 starts; 3 + 30 rounds; 3 repeats; 16 tokens; ``--optimizers`` adds the other
+configs). Run it on an otherwise idle machine, since anything else running inflates every figure:
 
     python benchmarks/optimizer_step.py
     python benchmarks/optimizer_step.py --device cuda --json out.json   # on a GPU
