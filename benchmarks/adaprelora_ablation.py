@@ -121,6 +121,8 @@ GRIDS = {
     ("adamw", "constant"): _quarter_decades(-2.5, -1.5),
     ("adaprelora", "constant"): _quarter_decades(-2.5, -1.5),
 }
+# Since version 2 the momentum-free rule is AdaPreLoRA's default, so the "beta1=0" rows equal the
+# "adaprelora" reference; they stay explicit so a re-run lines up with the saved v1 results.
 BETA1_0 = {"betas": (0.0, 0.999)}
 TUNED = {"betas": (0.0, 0.999), "damping": 0.03}
 
