@@ -132,6 +132,8 @@ CONFIGS = {
     "adaprelora[damping=0.01]": ("adaprelora", {"damping": 0.01}, "adam"),
     # weight averaging is the harness's (benchmarks/quality/harness.WeightAverage), not an optimizer argument
     "adaprelora[average=0.9]": ("adaprelora", {"weight_average": 0.9}, "adam"),
+    # a diagnostic, not a product optimizer (benchmarks/quality/harness.DIAGNOSTIC_OPTIMIZERS)
+    "adafactor[fixed-lr]": ("adafactor_fixed_lr", {}, "adam"),
 }
 #: The v2 ablation (docs/optimizer_quality.md): the baselines to beat and one change per row.
 V2_CONFIGS = ["adamw", "adafactor", "adaprelora", "adaprelora[beta1=0.9]", "adaprelora[beta2_decay=-0.8]",

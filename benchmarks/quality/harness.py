@@ -22,7 +22,7 @@ from torch import nn
 from adaprelora_diffusion.optim import make_optimizer
 
 __all__ = [
-    "SCHEDULES", "WeightAverage", "Config", "ConfigResult", "Instance", "RunResult", "Task", "mean_curve", "run_one", "state_bytes", "steps_to_reach", "sweep",
+    "SCHEDULES", "DIAGNOSTIC_OPTIMIZERS", "WeightAverage", "build_optimizer", "Config", "ConfigResult", "Instance", "RunResult", "Task", "mean_curve", "run_one", "state_bytes", "steps_to_reach", "sweep",
 ]
 
 
@@ -154,6 +154,27 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def _adafactor_fixed_lr(model: nn.Module, lr: float, **kwargs) -> torch.optim.Optimizer:
+    """transformers' Adafactor on each factor with its relative step turned off: Adafactor's
+    factored statistics, decay schedule and clipping, with a plain lr (no parameter-RMS scale, no
+    1/sqrt(t) cap). Tells whether torch Adafactor's wins come from the relative step."""
+    from transformers.optimization import Adafactor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, **kwargs)
+
+
+#: Optimizers the benchmarks compare that are not part of the product's `make_optimizer` design space.
+DIAGNOSTIC_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adafactor_fixed_lr": _adafactor_fixed_lr}
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, **kwargs) -> torch.optim.Optimizer:
+    """`make_optimizer`, or one of `DIAGNOSTIC_OPTIMIZERS`."""
+    if name in DIAGNOSTIC_OPTIMIZERS:
+        return DIAGNOSTIC_OPTIMIZERS[name](model, lr, **kwargs)
+    return make_optimizer(name, model, lr=lr, **kwargs)
+
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -175,7 +196,7 @@ def run_one(task: Task, config: Config, lr: float, seed: int, schedule: str = "c
     if hasattr(task, "run"):
         return task.run(config, lr, seed, schedule)
     inst = task.build(seed)
-    optimizer = make_optimizer(config.optimizer, inst.model, lr=lr, **config.kwargs)
+    optimizer = build_optimizer(config.optimizer, inst.model, lr=lr, **config.kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(schedule, task.steps))
     average = WeightAverage(inst.model, config.average) if config.average else None
     primary = task.metrics[0]

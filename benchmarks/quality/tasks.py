@@ -28,7 +28,7 @@ from torch import nn
 
 from adaprelora_diffusion.demo.tiny_pipeline import default_cache_dir
 from adaprelora_diffusion.engine.atomic import atomic_write
-from .harness import Config, Instance, RunResult, WeightAverage, state_bytes
+from .harness import Config, Instance, RunResult, WeightAverage, build_optimizer, state_bytes
 
 __all__ = ["LanguageAdaptation", "LowRankRegression", "PretrainSpec", "quality_cache_dir"]
 
@@ -349,20 +349,19 @@ class LanguageAdaptation:
 
     def run(self, config: Config, lr: float, seed: int, schedule: str = "cosine") -> RunResult:
         """One run through the path LLM users take: transformers' Trainer as `AdaPreLoRATrainer`, the
-        optimizer built by `make_optimizer` exactly as the harness builds it for every task and passed
+        optimizer built by `build_optimizer` exactly as the harness builds it for every task and passed
         as ``optimizers=(optimizer, None)``; the model's own loss on labels that mask the first two
         positions (the same tokens `_lm_loss` scores). The Trainer's cosine schedule is the harness's,
         and it does not clip (``max_grad_norm=0``) because the harness does not."""
         from transformers import PrinterCallback, TrainerCallback, TrainingArguments, default_data_collator
 
         from adaprelora_diffusion.llm import AdaPreLoRATrainer
-        from adaprelora_diffusion.optim import make_optimizer
 
         inst = self.build(seed)
         labels = inst.data.clone()
         labels[:, :2] = -100
         rows = [{"input_ids": x, "labels": y} for x, y in zip(inst.data, labels)]
-        optimizer = make_optimizer(config.optimizer, inst.model, lr=lr, **config.kwargs)
+        optimizer = build_optimizer(config.optimizer, inst.model, lr=lr, **config.kwargs)
         average = WeightAverage(inst.model, config.average) if config.average else None
         eval_steps, curve, losses, final, peak = [], [], [], {}, 0
         task = self

@@ -24,3 +24,24 @@ def test_weight_average_is_an_ema_of_the_trainable_weights_swapped_in_for_evalua
     assert torch.equal(model[0].weight, history[-1])  # the training weights are back
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(model, decay=1.0)
+
+
+def test_build_optimizer_takes_the_diagnostic_optimizers_and_the_products():
+    import torch
+    from torch import nn
+
+    from benchmarks.quality.harness import build_optimizer
+
+    model = nn.Linear(4, 2)
+    opt = build_optimizer("adafactor_fixed_lr", model, 0.01)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["relative_step"], group["scale_parameter"]) == (0.01, False, False)
+    before = model.weight.detach().clone()
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    step = (model.weight.detach() - before).abs()
+    # a plain lr: Adafactor's normalised update (RMS <= 1 after clipping) times 0.01, whatever the weight's RMS
+    assert 0 < step.max() <= 0.01 * 4
+    assert isinstance(build_optimizer("adamw", model, 0.01), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer("sgdx", model, 0.01)

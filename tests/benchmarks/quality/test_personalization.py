@@ -57,14 +57,20 @@ def test_a_run_goes_through_the_trainer_and_reports_every_metric(task):
 
 
 def test_optimizer_variants_map_to_trainer_flags(task, tmp_path):
-    cfg = task.train_config(Config("x", "adaprelora", {"stats": "exact", "balance": 0.0, "betas": (0.0, 0.99)}), 1e-3, 5,
-                            "cosine", tmp_path)
-    assert (cfg.adaprelora_stats, cfg.adaprelora_balance, cfg.adam_beta1, cfg.adam_beta2) == ("exact", 0.0, 0.0, 0.99)
+    kwargs = {"stats": "exact", "balance": 0.0, "betas": (0.5, 0.99), "beta2_decay": -0.8, "eps": 1e-20, "scale_parameter": True}
+    cfg = task.train_config(Config("x", "adaprelora", kwargs), 1e-3, 5, "cosine", tmp_path)
+    assert (cfg.adaprelora_stats, cfg.adaprelora_balance, cfg.adaprelora_beta1, cfg.adaprelora_beta2) == ("exact", 0.0, 0.5, 0.99)
+    assert (cfg.adaprelora_beta2_decay, cfg.adaprelora_eps, cfg.adaprelora_scale_parameter) == (-0.8, 1e-20, True)
+    assert (cfg.adam_beta1, cfg.adam_beta2) == (0.9, 0.999)  # AdaPreLoRA's betas are its own; Adam's stay
+    adamw = task.train_config(Config("y", "adamw", {"betas": (0.8, 0.99)}), 1e-3, 5, "cosine", tmp_path)
+    assert (adamw.adam_beta1, adamw.adam_beta2) == (0.8, 0.99)
     assert (cfg.learning_rate, cfg.seed, cfg.lr_scheduler, cfg.max_train_steps) == (1e-3, 5, "cosine", 4)
     assert cfg.lora_target_modules == "attention" and cfg.rank == 4
     cfg.validate()
     with pytest.raises(ValueError, match="cannot pass optimizer option 'foo'"):
         task.train_config(Config("x", "adaprelora", {"foo": 1}), 1e-3, 0, "cosine", tmp_path)
+    with pytest.raises(ValueError, match="no weight averaging"):
+        task.train_config(Config("x", "adaprelora", {}, average=0.9), 1e-3, 0, "cosine", tmp_path)
 
 
 def test_a_failed_run_is_reported_as_diverged(task, monkeypatch):
