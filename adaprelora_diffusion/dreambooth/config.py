@@ -221,6 +221,12 @@ class TrainConfig:
         need(self.adaprelora_stats in STATS_CHOICES, f"--adaprelora_stats must be one of {', '.join(STATS_CHOICES)}, got {self.adaprelora_stats!r}.")
         need(self.adaprelora_momentum in MOMENTUM_CHOICES,
              f"--adaprelora_momentum must be one of {', '.join(MOMENTUM_CHOICES)}, got {self.adaprelora_momentum!r}.")
+        for flag in ("adaprelora_beta1", "adaprelora_beta2"):
+            need(0.0 <= getattr(self, flag) < 1.0, f"--{flag} must be in [0, 1), got {getattr(self, flag)}.")
+        decay = self.adaprelora_beta2_decay
+        need(decay is None or -1.0 <= decay < 0.0,
+             f"--adaprelora_beta2_decay must be in [-1, 0) (Adafactor's -0.8), or 0 for a fixed --adaprelora_beta2, got {decay}.")
+        need(0.0 < self.adaprelora_eps < float("inf"), f"--adaprelora_eps must be a number > 0, got {self.adaprelora_eps}.")
         need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}.")
         need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
              f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}.")

@@ -356,9 +356,6 @@ class AdaPreLoRA(LoraPairOptimizer):
                 if delta_A.device.type != "cpu" or bool((factor > 1.0).any()):
                     shrink = factor.reciprocal()[:, None, None]
                     delta_A, delta_B = delta_A.mul_(shrink), delta_B.mul_(shrink)
-            self._apply_delta(bucket.As, delta_A, active, decay)
-            self._apply_delta(bucket.Bs, delta_B, active, decay)
-            return
         else:
             # Adafactor's placement: momentum of the (clipped) solved directions.
             P, Ra, Rb, Q = factored_step(A, B, w.grad_A, w.grad_B, d1, d2, shared_core=True, **solve)
@@ -368,11 +365,10 @@ class AdaPreLoRA(LoraPairOptimizer):
                 g = g / (h_step_rms(dA, dB, w.grad_A, w.grad_B, d1, d2) * inv_s / clip).clamp_min(1.0)
             dA = self._ema_scaled(state["exp_avg_A"], dA, g[:, None, None], beta1, active)
             dB = self._ema_scaled(state["exp_avg_B"], dB, g[:, None, None], beta1, active)
-            coef = lr * inv_s / (1.0 - beta1 ** step.clamp_min(1.0))
-            dA, dB = dA.clone(), dB.clone()  # the momenta themselves: scale copies
-        coef = -coef[:, None, None]
-        self._apply_delta(bucket.As, dA.mul_(coef), active, decay)
-        self._apply_delta(bucket.Bs, dB.mul_(coef), active, decay)
+            neg = -(lr * inv_s / (1.0 - beta1 ** step.clamp_min(1.0)))[:, None, None]
+            delta_A, delta_B = dA * neg, dB * neg  # dA, dB are the momenta themselves: scaled copies
+        self._apply_delta(bucket.As, delta_A, active, decay)
+        self._apply_delta(bucket.Bs, delta_B, active, decay)
 
     def _weight_rms(self, bucket) -> Tensor:
         """RMS of each pair's frozen base weight W0 (k,), for ``scale_parameter`` (Adafactor's

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -42,6 +43,18 @@ def test_adaprelora_flags_reach_the_optimizer_and_adam_flags_its_adamw_group():
     defaults = optimizer_kwargs("adaprelora", parse_config([]).optimizer_settings())
     assert defaults["betas"] == (0.0, 0.999) and defaults["beta2_decay"] is None  # momentum-free, fixed beta2
     assert parse_config(["--adaprelora_beta2_decay", "0"]).adaprelora_beta2_decay is None  # 0 turns the schedule off
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--adaprelora_beta1", "1.5"], "--adaprelora_beta1 must be in [0, 1)"),
+    (["--adaprelora_beta2", "-0.1"], "--adaprelora_beta2 must be in [0, 1)"),
+    (["--adaprelora_beta2_decay", "0.5"], "--adaprelora_beta2_decay must be in [-1, 0)"),
+    (["--adaprelora_eps", "-1"], "--adaprelora_eps must be a number > 0"),
+])
+def test_bad_adaprelora_flags_are_named_before_anything_loads(flags, named):
+    with pytest.raises(ValueError) as err:
+        parse_config(["--instance_data_dir", "x", *flags]).validate()
+    assert named in str(err.value)
 
 
 def env_for(tiny_pipeline_dir):
