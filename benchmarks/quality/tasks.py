@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from adaprelora_diffusion.demo.tiny_pipeline import default_cache_dir
 from adaprelora_diffusion.engine.atomic import atomic_write
 from .harness import Config, Instance, RunResult, WeightAverage, build_optimizer, state_bytes
 
-__all__ = ["LanguageAdaptation", "LowRankRegression", "PretrainSpec", "quality_cache_dir"]
+__all__ = ["LanguageAdaptation", "LowRankRegression", "PretrainSpec", "cached_state", "quality_cache_dir", "spread_channel_scales"]
 
 
 def quality_cache_dir() -> Path:
@@ -246,12 +247,24 @@ def spread_channel_scales(state: dict[str, torch.Tensor], spec: PretrainSpec, sp
     return state
 
 
-def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Tensor]:
-    """State dict of the LM pretrained on the source language: from cache, else trained and
-    cached atomically (a killed run never leaves a torn file)."""
-    path = quality_cache_dir() / f"t2_pretrained_{spec.key()}.pt"
+def cached_state(stem: str, spec, train: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The state dict ``train()`` returns, cached under ``quality_cache_dir()`` as
+    ``<stem>_<spec.key()>.pt`` (``spec`` is a frozen dataclass of everything the weights depend
+    on) and written atomically, so a killed run never leaves a torn file."""
+    path = quality_cache_dir() / f"{stem}_{spec.key()}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
+    state = train()
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return state
+
+
+def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Tensor]:
+    """State dict of the LM pretrained on the source language (cached, see `cached_state`)."""
+    return cached_state("t2_pretrained", spec, lambda: _pretrain_lm(spec, log))
+
+
+def _pretrain_lm(spec: PretrainSpec, log) -> dict[str, torch.Tensor]:
     t0 = time.perf_counter()
     P, _ = markov_table(spec.vocab, spec.language_seed, sharpness=spec.sharpness, zipf=spec.zipf)
     g = torch.Generator().manual_seed(spec.seed + 1)
@@ -267,9 +280,7 @@ def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Ten
         sched.step()
         opt.zero_grad(set_to_none=True)
     log(f"pretrained T2 base model in {time.perf_counter() - t0:.1f} s (final train loss {loss.item():.3f})")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    return state
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class LanguageAdaptation:
