@@ -32,8 +32,15 @@ Tasks (benchmarks/quality/tasks.py):
       unseen (person, animal) pairs. Metrics: held-out cross-entropy, accuracy; references include
       the frozen encoder's linear-probe accuracy. ~15 s a run on one thread.
       python benchmarks/optimizer_quality.py --tasks T4 --seeds 2 --optimizers adamw adaprelora
+  T5  (benchmarks/quality/t5_cipher.py) a tiny Llama pretrained (cached) to encipher a prompt of
+      Zipf-frequency symbols (prompt SEP completion, completion[j] = cipher[prompt[j]], 10% noise),
+      LoRA-adapted to a cipher that maps every symbol elsewhere, loss on the completion tokens only
+      (prompt labels -100, as TRL's SFT builds them), channel scales spread 10x as T2's (rank 4 on
+      q/k/v/o/gate/up/down, 150 steps of 16 examples; by default only the baselines and the
+      AdaPreLoRA default). Metrics: held-out completion loss (floor: the noise's entropy), token
+      accuracy, exact match.
 
-    python benchmarks/optimizer_quality.py                       # full T1, T2, T3, T3-prior (see README for the time)
+    python benchmarks/optimizer_quality.py                       # full T1, T2, T3, T3-prior, T5 (see README for the time)
     python benchmarks/optimizer_quality.py --quick --out /tmp/q  # smoke run, well under a minute
     python benchmarks/optimizer_quality.py --tasks T1 --optimizers adamw adaprelora --seeds 2
 

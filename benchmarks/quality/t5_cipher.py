@@ -19,17 +19,13 @@ seen a handful of times in the budget.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from .harness import Instance
-from .tasks import _freeze_all_but_lora, _make_lm, cached_state, spread_channel_scales
+from .tasks import cached_pretraining, lm_from_state, lora_lm, spread_channel_scales
 
 __all__ = ["CipherAdaptation", "CipherSpec", "changed_cipher", "completion_labels", "make_examples", "noise_floor", "pretrained_cipher_lm"]
 
@@ -66,9 +62,6 @@ class CipherSpec:
     @property
     def length(self) -> int:
         return 2 * self.prompt_len + 1
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def symbol_probs(spec: CipherSpec) -> torch.Tensor:
@@ -130,29 +123,16 @@ def _completion_metrics(model: nn.Module, spec: CipherSpec, input_ids: torch.Ten
             "exact_match": right.all(1).float().mean().item()}
 
 
-def _pretrain(spec: CipherSpec, log) -> dict[str, torch.Tensor]:
-    t0 = time.perf_counter()
-    cipher = pretraining_cipher(spec)
-    g = torch.Generator().manual_seed(spec.seed + 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = _make_lm(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
-    for _ in range(spec.steps):
-        x, _ = make_examples(spec, cipher, spec.batch, g)
-        loss = model(input_ids=x, labels=completion_labels(x, spec.prompt_len)).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    log(f"pretrained T5 base model in {time.perf_counter() - t0:.1f} s (final train loss {loss.item():.3f})")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def pretrained_cipher_lm(spec: CipherSpec, log=lambda s: None) -> dict[str, torch.Tensor]:
-    """State dict of the LM pretrained on the spec's cipher (cached, see `cached_state`)."""
-    return cached_state("t5_pretrained", spec, lambda: _pretrain(spec, log))
+    """State dict of the LM pretrained on the spec's cipher (completion-only loss; cached, see
+    `cached_pretraining`)."""
+    cipher = pretraining_cipher(spec)
+
+    def batch_loss(model, g):
+        x, _ = make_examples(spec, cipher, spec.batch, g)
+        return model(input_ids=x, labels=completion_labels(x, spec.prompt_len)).loss
+
+    return cached_pretraining("T5", spec, batch_loss, log)
 
 
 class CipherAdaptation:
@@ -183,23 +163,14 @@ class CipherAdaptation:
         g = torch.Generator().manual_seed(problem_seed)
         self.X_eval, self.clean_eval = make_examples(spec, self.cipher, n_eval, g)
         with torch.no_grad():
-            before = _completion_metrics(self._base_model(), spec, self.X_eval, self.clean_eval)
+            before = _completion_metrics(lm_from_state(spec, self.state), spec, self.X_eval, self.clean_eval)
         self.reference = {"noise_floor_loss": noise_floor(spec, self.X_eval, self.clean_eval),
                           **{f"pretrained_{k}": v for k, v in before.items()}}
 
-    def _base_model(self) -> nn.Module:
-        model = _make_lm(self.spec)
-        model.load_state_dict(self.state)
-        return model.eval()
-
     def build(self, seed: int) -> Instance:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = inject_adapter_in_model(
-                LoraConfig(r=self.r, lora_alpha=self.r, lora_dropout=0.0, target_modules=self.targets), self._base_model()
-            )
+        model = lora_lm(self.spec, self.state, self.r, self.targets, seed)
         x, _ = make_examples(self.spec, self.cipher, self.steps * self.batch, torch.Generator().manual_seed(40_000 + seed))
-        return Instance(_freeze_all_but_lora(model), (x, completion_labels(x, self.spec.prompt_len)))
+        return Instance(model, (x, completion_labels(x, self.spec.prompt_len)))
 
     def train_step(self, inst: Instance, step: int) -> float:
         x, labels = inst.data

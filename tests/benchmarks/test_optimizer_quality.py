@@ -34,13 +34,6 @@ def _no_nonstandard_json(token):
     raise AssertionError(f"non-standard JSON constant {token}")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """Pretrained T2 weights go to a temp cache, never ~/.cache."""
-    monkeypatch.setenv("ADAPRELORA_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys):
     bench = load()
     out = tmp_path / "out"

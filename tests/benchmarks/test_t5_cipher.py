@@ -17,17 +17,10 @@ from benchmarks.quality.t5_cipher import (
     noise_floor,
     pretrained_cipher_lm,
 )
-from benchmarks.quality.tasks import _make_lm
+from benchmarks.quality.tasks import _make_lm, lm_from_state
 from tests.benchmarks import load_benchmark
 
 SPEC = CipherSpec(symbols=16, prompt_len=4, hidden=32, steps=40, batch=16)  # the --quick spec
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """Pretrained T5 weights go to a temp cache, never ~/.cache."""
-    monkeypatch.setenv("ADAPRELORA_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture
@@ -72,7 +65,7 @@ def test_channel_spread_keeps_the_pretrained_function(task):
     """The LoRA layers see a reparametrisation of the pretrained model: same logits, spread scales."""
     plain = _make_lm(SPEC).eval()
     plain.load_state_dict(pretrained_cipher_lm(SPEC))
-    spread = task._base_model()
+    spread = lm_from_state(SPEC, task.state)
     gain = spread.model.layers[0].input_layernorm.weight / plain.model.layers[0].input_layernorm.weight
     assert gain.max() / gain.min() > 3  # the scales really are spread
     with torch.no_grad():
