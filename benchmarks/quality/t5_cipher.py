@@ -11,10 +11,10 @@ TRL's SFTTrainer builds them for prompt-completion data (``completion_only_loss`
 model's own causal-LM loss (transformers' shift and ignore index) reduces them.
 
 How it differs from T2 (next-token LM on a shifted Markov language, loss on every token): the
-pretrained skill is an in-context lookup (an attention head reads the prompt symbol
-``prompt_len + 1`` positions back, the MLP maps it through the cipher), the loss sees only
-completions, and the adaptation rewrites part of a deterministic token map whose rare symbols are
-seen a handful of times in the budget.
+pretrained skill is an in-context lookup (each completion symbol needs the prompt symbol
+``prompt_len + 1`` positions back, fetched by attention and mapped through the cipher), the loss
+sees only completions, and the adaptation rewrites a deterministic token map whose rarest
+symbols are seen a few dozen times in the budget.
 """
 
 from __future__ import annotations
@@ -147,6 +147,20 @@ class CipherAdaptation:
     exactly (`spread_channel_scales`) so the LoRA layers see channel scales spread
     ``channel_spread``-fold, as T2's. The held-out set is fixed by ``problem_seed``; the run
     seed sets the LoRA init and the training stream.
+
+    Why it is built this way (calibrated on one seed; a first version could not rank optimizers):
+
+    - 32 symbols with half (or all) of the cipher changed: AdamW, Adafactor and AdaPreLoRA all
+      ended within 0.02 nats of the floor with exact match 1.0 in 150 steps, so 96 symbols with
+      every one changed: the pretrained model starts confidently wrong (7.04 nats, above
+      uniform's 4.56, accuracy 0) and a rank-4 LoRA must rewrite a 96-entry map: no optimizer
+      reaches the floor (0.75) in the budget, the best ends ~0.18 above (with 400 steps
+      Adafactor and AdaPreLoRA both stall at 0.85; rank 8 gains 0.05-0.2 at 150 steps);
+    - Zipf frequencies: the most frequent symbol is ~100x as frequent as the rarest (~50
+      occurrences in the budget's 24,000 prompt symbols), the uneven gradient scales of real data;
+    - 150 steps of 16 examples (~5-8 s a run on one thread): AdamW 1.16, AdaPreLoRA 1.01 and
+      Adafactor 0.93 on three fresh seeds, each gap several seed standard errors; with 100
+      steps the gaps were larger but the models further from done.
     """
 
     name = "T5"
