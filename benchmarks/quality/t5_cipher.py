@@ -27,7 +27,10 @@ from torch import nn
 from .harness import Instance
 from .tasks import cached_pretraining, lm_from_state, lora_lm, spread_channel_scales
 
-__all__ = ["CipherAdaptation", "CipherSpec", "changed_cipher", "completion_labels", "make_examples", "noise_floor", "pretrained_cipher_lm"]
+__all__ = [
+    "CipherAdaptation", "CipherSpec", "changed_cipher", "completion_labels", "make_examples", "noise_floor",
+    "pretrained_cipher_lm",
+]
 
 
 @dataclass(frozen=True)
