@@ -32,8 +32,15 @@ Tasks (benchmarks/quality/tasks.py):
       unseen (person, animal) pairs. Metrics: held-out cross-entropy, accuracy; references include
       the frozen encoder's linear-probe accuracy. ~15 s a run on one thread.
       python benchmarks/optimizer_quality.py --tasks T4 --seeds 2 --optimizers adamw adaprelora
+  T5  (benchmarks/quality/t5_cipher.py) a tiny Llama pretrained (cached) to encipher a prompt of
+      Zipf-frequency symbols (prompt SEP completion, completion[j] = cipher[prompt[j]], 10% noise),
+      LoRA-adapted to a cipher that maps every symbol elsewhere, loss on the completion tokens only
+      (prompt labels -100, as TRL's SFT builds them), channel scales spread 10x as T2's (rank 4 on
+      q/k/v/o/gate/up/down, 150 steps of 16 examples; by default only the baselines and the
+      AdaPreLoRA default). Metrics: held-out completion loss (floor: the noise's entropy), token
+      accuracy, exact match.
 
-    python benchmarks/optimizer_quality.py                       # full T1, T2, T3, T3-prior (see README for the time)
+    python benchmarks/optimizer_quality.py                       # full T1, T2, T3, T3-prior, T5 (see README for the time)
     python benchmarks/optimizer_quality.py --quick --out /tmp/q  # smoke run, well under a minute
     python benchmarks/optimizer_quality.py --tasks T1 --optimizers adamw adaprelora --seeds 2
 
@@ -103,6 +110,16 @@ TASK_GRIDS = {
         "loraplus": _half_decades(-3.5, -2.5),
         "adafactor": _half_decades(-1, 0),
         "lorapro": _half_decades(-1, 0),  # untuned: at lr ~1 the head's AdamW step wrecks it
+    },
+    # T5 (~5-10 s a run): 4 points around the best lrs of a one-seed pilot (adam family over
+    # 1e-3..0.1: adamw, soap 0.0316, adaprelora, scaled_adamw 0.01; loraplus over 1e-4..1e-2:
+    # 0.00316; adafactor over 0.01..3.16: flat from 0.316 up, best 1; lorapro over 0.0316..31.6:
+    # 0.1). The adam family's top point, 0.1, collapses every optimizer of that family to ~4 nats.
+    "T5": {
+        "adam": _half_decades(-2.5, -1),
+        "loraplus": _half_decades(-3.5, -2),
+        "adafactor": _half_decades(-1, 0.5),
+        "lorapro": _half_decades(-1.5, 0),
     },
 }
 
@@ -187,15 +204,26 @@ def _t4(quick: bool, log, args):
         return None
 
 
+def _t5(quick: bool, log, args):
+    from benchmarks.quality.t5_cipher import CipherAdaptation, CipherSpec
+
+    if quick:
+        spec = CipherSpec(symbols=16, prompt_len=4, hidden=32, steps=40, batch=16)
+        return CipherAdaptation(spec, steps=12, batch=4, eval_every=3, n_eval=16, log=log)
+    return CipherAdaptation(log=log)
+
+
 # name -> factory(quick, log, args) -> Task (or None: skipped, with a message). A new task registers
 # here and needs nothing else; OPT_IN tasks run only when named in --tasks.
-TASKS = {"T1": _t1, "T2": _t2, "T3": _t3, "T3-prior": _t3_prior, "T4": _t4}
+TASKS = {"T1": _t1, "T2": _t2, "T3": _t3, "T3-prior": _t3_prior, "T4": _t4, "T5": _t5}
 OPT_IN = {"T4"}
 # Tasks that take each config's best lr from another task instead of sweeping: one run per report
 # seed at that lr (the task differs from its source only in a setting, not in what lr suits it).
 LR_FROM = {"T3-prior": "T3"}
 # Tasks that compare fewer configs than the rest by default (cost); --optimizers overrides.
-TASK_CONFIGS = {"T3-prior": ["adamw", "loraplus", "adafactor", "adaprelora"]}
+TASK_CONFIGS = {"T3-prior": ["adamw", "loraplus", "adafactor", "adaprelora"],
+                # T5 checks generality on a task nothing was tuned on: the baselines and the default only
+                "T5": ["adamw", "loraplus", "scaled_adamw", "adafactor", "lorapro", "soap", "adaprelora"]}
 
 
 def grid_for(task_name: str, family: str, quick: bool, override, fine: bool = False) -> tuple[float, ...]:

@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,10 @@ from adaprelora_diffusion.demo.tiny_pipeline import default_cache_dir
 from adaprelora_diffusion.engine.atomic import atomic_write
 from .harness import Config, Instance, RunResult, WeightAverage, build_optimizer, state_bytes
 
-__all__ = ["LanguageAdaptation", "LowRankRegression", "PretrainSpec", "quality_cache_dir"]
+__all__ = [
+    "LanguageAdaptation", "LowRankRegression", "PretrainSpec", "cached_pretraining", "lm_from_state", "lora_lm",
+    "quality_cache_dir", "spread_channel_scales",
+]
 
 
 def quality_cache_dir() -> Path:
@@ -180,9 +184,6 @@ class PretrainSpec:
     seed: int = 0
     version: int = 2
 
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
 
 def _make_lm(spec: PretrainSpec) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -247,13 +248,23 @@ def spread_channel_scales(state: dict[str, torch.Tensor], spec: PretrainSpec, sp
 
 
 def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Tensor]:
-    """State dict of the LM pretrained on the source language: from cache, else trained and
-    cached atomically (a killed run never leaves a torn file)."""
-    path = quality_cache_dir() / f"t2_pretrained_{spec.key()}.pt"
+    """State dict of the LM pretrained on the source language (cached, see `cached_pretraining`)."""
+    P, _ = markov_table(spec.vocab, spec.language_seed, sharpness=spec.sharpness, zipf=spec.zipf)
+    return cached_pretraining("T2", spec, lambda model, g: _lm_loss(model, sample_sequences(P, spec.batch, spec.length, g))[0], log)
+
+
+def cached_pretraining(task: str, spec, batch_loss: Callable[[nn.Module, torch.Generator], torch.Tensor],
+                       log=lambda s: None) -> dict[str, torch.Tensor]:
+    """State dict of ``_make_lm(spec)`` (initialised from ``spec.seed``) pretrained with AdamW, one-cycle
+    lr ``spec.lr`` over ``spec.steps`` steps of ``batch_loss(model, g)`` (a fresh batch drawn from
+    ``g``, seeded ``spec.seed + 1``). ``spec`` is a frozen dataclass of everything the weights
+    depend on: a hash of its fields keys the cache file ``<task>_pretrained_<hash>.pt`` under
+    `quality_cache_dir`, written atomically (a killed run never leaves a torn file)."""
+    key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+    path = quality_cache_dir() / f"{task.lower()}_pretrained_{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     t0 = time.perf_counter()
-    P, _ = markov_table(spec.vocab, spec.language_seed, sharpness=spec.sharpness, zipf=spec.zipf)
     g = torch.Generator().manual_seed(spec.seed + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -261,15 +272,33 @@ def pretrained_lm(spec: PretrainSpec, log=lambda s: None) -> dict[str, torch.Ten
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
     for _ in range(spec.steps):
-        loss, _ = _lm_loss(model, sample_sequences(P, spec.batch, spec.length, g))
+        loss = batch_loss(model, g)
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    log(f"pretrained T2 base model in {time.perf_counter() - t0:.1f} s (final train loss {loss.item():.3f})")
+    log(f"pretrained {task} base model in {time.perf_counter() - t0:.1f} s (final train loss {loss.item():.3f})")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     return state
+
+
+def lm_from_state(spec, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``_make_lm(spec)`` holding ``state``, in eval mode."""
+    model = _make_lm(spec)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def lora_lm(spec, state: dict[str, torch.Tensor], r: int, targets: list[str], seed: int) -> nn.Module:
+    """`lm_from_state` with LoRA (rank and alpha ``r``, no dropout) on ``targets`` initialised from
+    ``seed``; only the LoRA factors train."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = inject_adapter_in_model(
+            LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets), lm_from_state(spec, state)
+        )
+    return _freeze_all_but_lora(model)
 
 
 class LanguageAdaptation:
@@ -313,7 +342,7 @@ class LanguageAdaptation:
         p = self.P[self.X_eval[:, :-2], self.X_eval[:, 1:-1]]
         true = p.gather(-1, self.X_eval[:, 2:, None]).squeeze(-1)
         bayes = (p.argmax(-1) == self.X_eval[:, 2:]).float().mean().item()
-        base_model = self._base_model()
+        base_model = lm_from_state(spec, self.state)
         with torch.no_grad():
             before, acc_before = _lm_loss(base_model, self.X_eval)
         self.reference = {
@@ -321,20 +350,10 @@ class LanguageAdaptation:
             "pretrained_loss": before.item(), "pretrained_accuracy": acc_before.item(),
         }
 
-    def _base_model(self) -> nn.Module:
-        model = _make_lm(self.spec)
-        model.load_state_dict(self.state)
-        return model.eval()
-
     def build(self, seed: int) -> Instance:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = inject_adapter_in_model(
-                LoraConfig(r=self.r, lora_alpha=self.r, lora_dropout=0.0, target_modules=self.targets), self._base_model()
-            )
+        model = lora_lm(self.spec, self.state, self.r, self.targets, seed)
         g = torch.Generator().manual_seed(20_000 + seed)
-        data = sample_sequences(self.P, self.steps * self.batch, self.spec.length, g)
-        return Instance(_freeze_all_but_lora(model), data)
+        return Instance(model, sample_sequences(self.P, self.steps * self.batch, self.spec.length, g))
 
     def train_step(self, inst: Instance, step: int) -> float:
         x = inst.data[step * self.batch : (step + 1) * self.batch]

@@ -34,13 +34,6 @@ def _no_nonstandard_json(token):
     raise AssertionError(f"non-standard JSON constant {token}")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """Pretrained T2 weights go to a temp cache, never ~/.cache."""
-    monkeypatch.setenv("ADAPRELORA_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys):
     bench = load()
     out = tmp_path / "out"
@@ -48,7 +41,7 @@ def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys):
     torch.set_num_threads(1)
     printed = capsys.readouterr().out
     on_disk = json.loads((out / "optimizer_quality.json").read_text(), parse_constant=_no_nonstandard_json)
-    assert on_disk["tasks"].keys() == payload["tasks"].keys() == {"T1", "T2", "T3", "T3-prior"}
+    assert on_disk["tasks"].keys() == payload["tasks"].keys() == {"T1", "T2", "T3", "T3-prior", "T5"}
     assert on_disk["quick"] is True and on_disk["seeds"] == [0] and on_disk["suite_wall_s"] > 0
     markdown = (out / "optimizer_quality.md").read_text()
     assert markdown.strip() == printed.strip()
@@ -98,7 +91,7 @@ def test_quick_run_writes_wellformed_sane_outputs(tmp_path, cache, capsys):
                 assert len(c["finals"]) == 1 and c["at_or_below_target"] == sum(f <= short["target"] for f in c["finals"])
             assert f"Short budget: {short['steps']} steps" in markdown
     # the headline table has one row per swept task and the prior-drift rows for T3-prior
-    for name in ("T1", "T2", "T3"):
+    for name in ("T1", "T2", "T3", "T5"):
         assert f"| {name} ({on_disk['tasks'][name]['metrics'][0]}) |" in markdown
     assert "| adaprelora | yes |" in markdown and "| adamw | no |" in markdown
     # the report re-renders identically from the saved JSON
