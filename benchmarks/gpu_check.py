@@ -399,6 +399,7 @@ def run_environment(check: Check, result: dict) -> None:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
+    versions["torch"] = torch.__version__  # the build, e.g. 2.11.0+cu130 (a CUDA wheel's metadata says 2.11.0)
     result["versions"] = versions
     result["where"] = {name: _module_dir(name) for name in ("diffusers", "peft", "transformers")}
     result["python"] = platform.python_version()
