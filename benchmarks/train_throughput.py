@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.reference_configs import build_reference_pipeline  # noqa: E402
+
 CONFIGS = {
     "adamw": ("adamw", {}),
     "adaprelora[sketch]": ("adaprelora", {"adaprelora_stats": "sketch"}),
@@ -40,42 +42,6 @@ CONFIGS = {
     "lorapro": ("lorapro", {}),
     "loraplus": ("loraplus", {}),
 }
-
-
-def build_reference_pipeline(folder: Path, family: str) -> Path:
-    """The SD 1.5 or SDXL 1.0 architecture with random weights, saved once as a diffusers pipeline folder."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from adaprelora_diffusion.demo.tiny_pipeline import write_tokenizer_files
-    from adaprelora_diffusion.dreambooth.model_loading import stable_diffusion_pipeline_class
-    from adaprelora_diffusion.engine.atomic import staged_dir
-    from benchmarks.reference_configs import CLIP_BIGG_TEXT_CONFIG, CLIP_L_TEXT_CONFIG, SD15_UNET_CONFIG, SDXL_UNET_CONFIG
-
-    if (folder / "model_index.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    tok_dir = write_tokenizer_files(Path(tempfile.mkdtemp()))
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **CLIP_L_TEXT_CONFIG))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, sample_size=1024 if family == "sdxl" else 512,
-                        scaling_factor=0.13025 if family == "sdxl" else 0.18215)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    if family == "sdxl":
-        pipe = stable_diffusion_pipeline_class(sdxl=True)(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=UNet2DConditionModel(**SDXL_UNET_CONFIG),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tokenizer), **CLIP_BIGG_TEXT_CONFIG)),
-            tokenizer_2=tokenizer, scheduler=scheduler)
-    else:
-        pipe = stable_diffusion_pipeline_class()(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                                 unet=UNet2DConditionModel(**SD15_UNET_CONFIG), scheduler=scheduler,
-                                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    with staged_dir(folder) as tmp:
-        pipe.save_pretrained(tmp)
-    return folder
 
 
 def worker(args) -> None:
