@@ -42,6 +42,7 @@ from ..engine.nonfinite import NonFiniteGuard
 from ..engine.progress import ProgressEvent
 from ..engine.randomness import mix
 from ..optim import make_optimizer, optimizer_kwargs
+from ..optim.settings import normalized, setting_flags
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochShuffleSampler, collate_fn, scan_image_folder
 from .diffusion_loss import encode_prompts, micro_batch_loss
@@ -365,9 +366,8 @@ FIXED_ON_RESUME = ("pretrained_model_name_or_path", "revision", "variant", "inst
                    "center_crop", "random_flip", "repeats", "rank", "lora_alpha", "lora_dropout", "lora_target_modules",
                    "use_rslora", "train_text_encoder", "optimizer", "train_batch_size", "gradient_accumulation_steps",
                    "cache_latents", "seed", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-                   "adaprelora_beta1", "adaprelora_beta2", "adaprelora_beta2_decay", "adaprelora_eps", "adaprelora_scale_parameter",
-                   "adaprelora_stats", "adaprelora_damping", "adaprelora_balance", "adaprelora_clip_threshold",
-                   "adaprelora_momentum", "loraplus_lr_ratio", "scaled_adamw_reg", "lorapro_damping")
+                   "loraplus_lr_ratio", "scaled_adamw_reg", "lorapro_damping",
+                   *setting_flags(lambda setting: setting.fixed_on_resume))
 _NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_dir", "debug")
 
 
@@ -654,8 +654,7 @@ def _write_card(run: Run, kohya_path: Path | None) -> None:
                                                  "gradient_accumulation_steps", "resolution", "mixed_precision", "seed",
                                                  "lr_scheduler", "with_prior_preservation")}
     if config.optimizer == "adaprelora":
-        settings.update({k: getattr(config, k) for k in ("adaprelora_stats", "adaprelora_damping", "adaprelora_balance",
-                                                         "adaprelora_clip_threshold")})
+        settings.update(normalized({flag: getattr(config, flag) for flag in setting_flags()}))
     settings["steps_trained"] = run.state.global_step
     # step 0's images show the base model, not the LoRA: never present them as its samples
     samples = [p for p in run.validation_paths if p.suffix == ".png" and p.parent.name != "step-000000"][-4:]
