@@ -32,7 +32,7 @@ LORA_TARGET_PRESETS = {
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 #: the defaults of a real run, for fields whose default depends on the model (a model folder's
-#: adaprelora_model.json can recommend others: see model_loading.model_descriptor).
+#: adaprelora_model.json can recommend others: see engine/model_descriptor.py).
 REAL_DEFAULTS = {
     "learning_rate": 1e-4,
     "lora_target_modules": "attention",

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..engine.atomic import atomic_write_text
 from .lora_files import LORA_WEIGHT_NAME
-from .model_loading import _HUB_ID, SINGLE_FILE_SUFFIXES, default_model, model_descriptor
+from ..engine.model_descriptor import model_descriptor
+from .model_loading import _HUB_ID, SINGLE_FILE_SUFFIXES, default_model
 
 CARD_NAME = "README.md"
 LICENSE = "creativeml-openrail-m"

@@ -48,7 +48,7 @@ from .data import DreamBoothDataset, EpochShuffleSampler, collate_fn, scan_image
 from .diffusion_loss import encode_prompts, micro_batch_loss
 from .latent_cache import LatentCache, collate_latents
 from .lora_files import LORA_WEIGHT_NAME, save_kohya_lora, save_lora_weights
-from .lora_setup import attach_lora, trainable_parameters
+from .lora_setup import LORA_ROLES, adapters_disabled, attach_lora, trainable_parameters, trained_params_by_name
 from .model_loading import SDComponents, load_pipeline_components, model_defaults, resolve_model_source, source_is_sdxl
 
 logger = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def _ensure_class_images(run: Run) -> str:
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.prior_generation_precision or "")
     autocast = torch.autocast(run.device.type, dtype=precision) if precision is not None else contextlib.nullcontext()
     if run.is_main:
-        with _adapters_disabled(m.unet, *m.text_encoders), autocast:
+        with adapters_disabled(m.unet, *m.text_encoders), autocast:
             ensure_class_images(config.class_data_dir, config.class_prompt, config.num_class_images,
                                 pipeline_factory=base_pipeline, seed=config.seed, resolution=config.resolution,
                                 batch_size=config.sample_batch_size)
@@ -353,8 +353,8 @@ def _build_optimizer(run: Run) -> None:
     optimizer, run.dataloader, lr_scheduler = prepared[len(roles):]
     run.trained = [getattr(m, r) for r in roles]
     run.optimizer, run.lr_scheduler = optimizer, lr_scheduler
-    run.params = {f"{tag}.{n}": p for tag in ("unet", "text_encoder", "text_encoder_2") if getattr(m, tag) is not None
-                  for n, p in accelerator.unwrap_model(getattr(m, tag)).named_parameters() if p.requires_grad}
+    run.params = trained_params_by_name({role: accelerator.unwrap_model(getattr(m, role)) for role in LORA_ROLES
+                                         if getattr(m, role) is not None})
 
 
 #: Settings a resumed run must share with its checkpoint: changing them makes a different run.
@@ -662,21 +662,3 @@ def _write_card(run: Run, kohya_path: Path | None) -> None:
                      validation_prompt=config.validation_prompt or config.instance_prompt, optimizer=config.optimizer,
                      settings=settings, sample_images=samples, train_text_encoder=config.train_text_encoder,
                      kohya_file=kohya_path, sdxl=run.models.is_sdxl)
-
-
-class _adapters_disabled:
-    """Context: the base model without LoRA (for class images), switched through peft's own layers
-    so it works whichever library attached the adapter (diffusers, or peft for the text encoder)."""
-
-    def __init__(self, *models):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.layers = [layer for m in models if m is not None for layer in m.modules() if isinstance(layer, BaseTunerLayer)]
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.enable_adapters(False)
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.enable_adapters(True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from adaprelora_diffusion.engine.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SUBJECT = ROOT / "adaprelora_diffusion" / "demo" / "assets" / "demo_subject"
 
 gradio_client = pytest.importorskip("gradio_client", reason="the web app's tests need the [app] and [test] extras")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_env(**extra: str) -> dict[str, str]:
