@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..optim import OPTIMIZERS
-from ..optim.settings import dataclass_fields, lr_problem, normalized, settings_problems
+from ..optim.settings import ADAPRELORA_SETTINGS, dataclass_fields, lr_problem, normalized, settings_problems
 
-__all__ = ["TrainConfig", "build_parser", "parse_config", "LORA_TARGET_PRESETS", "REAL_DEFAULTS"]
+__all__ = ["TrainConfig", "build_parser", "parse_config", "command_line", "LORA_TARGET_PRESETS", "REAL_DEFAULTS"]
 
 #: --image_interpolation_mode names (PIL's resampling filters).
 INTERPOLATION_MODES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
@@ -151,6 +151,8 @@ class TrainConfig:
     num_validation_images: int | None = _help("sample images per validation", default=None)
     validation_steps: int | None = _help("validate every N steps (0: only at start and end)", default=None)
     validation_epochs: int | None = _help("validate every N epochs instead of --validation_steps", default=None)
+    skip_initial_validation: bool = _help("no samples before the first step (the base model's, validation/step-000000): "
+                                          "one validation less, minutes on a CPU", default=False)
     validation_images: str | None = _help("input images for image-conditioned validation (upscalers, variations): "
                                           "not applicable to text-to-image SD/SDXL, refused", default=None, nargs="+")
     num_validation_inference_steps: int | None = _help("sampler steps for sample images", default=None)
@@ -291,3 +293,29 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if values["max_grad_norm"] is not None and values["max_grad_norm"] <= 0:
         values["max_grad_norm"] = None
     return TrainConfig(**values)
+
+
+#: flags whose "off" (None) is spelled as 0 on the command line (parse_config turns <= 0 into None)
+_OFF_AS_ZERO = ("max_grad_norm", *(s.flag for s in ADAPRELORA_SETTINGS if s.off is not None))
+
+
+def command_line(config: TrainConfig | Mapping[str, Any]) -> list[str]:
+    """The flags that make ``parse_config`` build this config again: every value that differs from
+    the default (the web app shows each job's command this way, to repeat it on another machine)."""
+    values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config)
+    args: list[str] = []
+    for f in fields(TrainConfig):
+        value = values.get(f.name, f.default)
+        if value == f.default:
+            continue
+        if value is None:
+            if f.name in _OFF_AS_ZERO:
+                args += [f"--{f.name}", "0"]
+            continue
+        if isinstance(value, bool):
+            args += [f"--{f.name}"] if value else []
+        elif isinstance(value, (list, tuple)):
+            args += [f"--{f.name}", *map(str, value)]
+        else:
+            args += [f"--{f.name}", repr(value) if isinstance(value, float) else str(value)]
+    return args

@@ -413,7 +413,8 @@ def _train_steps(run: Run) -> None:
     run.emit(ProgressEvent("start", state.global_step, config.max_train_steps,
                            message=f"{len(run.dataset)} examples, {steps_per_epoch} steps/epoch"))
     if state.global_step == 0:
-        _validate(run, 0)
+        if not config.skip_initial_validation:
+            _validate(run, 0)
         _observe(run, 0)
     run.guard = guard = NonFiniteGuard(
         config.max_consecutive_nonfinite,

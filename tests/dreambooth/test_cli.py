@@ -32,6 +32,19 @@ def test_flags_parse_into_the_config():
     assert cfg.adaprelora_clip_threshold is None and cfg.max_grad_norm is None
 
 
+def test_a_config_prints_as_the_command_line_that_builds_it_again():
+    from adaprelora_diffusion.dreambooth.config import command_line
+
+    config = TrainConfig(pretrained_model_name_or_path="my sd", instance_prompt="a photo of sks dog", rank=8,
+                         learning_rate=3e-4, train_text_encoder=True, adaprelora_clip_threshold=None, max_grad_norm=None,
+                         adaprelora_stats="exact", adaprelora_eps=1e-20, skip_initial_validation=True)
+    argv = command_line(config)
+    assert parse_config(argv) == config
+    assert "--seed" not in argv and "--optimizer" not in argv  # defaults are left out
+    assert argv[argv.index("--adaprelora_clip_threshold") + 1] == "0"  # off, as the flag spells it
+    assert command_line(TrainConfig()) == []
+
+
 def test_adaprelora_flags_reach_the_optimizer_and_adam_flags_its_adamw_group():
     from adaprelora_diffusion.optim import optimizer_kwargs
 
