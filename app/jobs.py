@@ -42,11 +42,6 @@ class JobState(str, Enum):
     FAILED = "failed"
     STOPPED = "stopped"
 
-    @property
-    def finished(self) -> bool:
-        """No worker will touch the job again unless it is resumed."""
-        return self in (JobState.DONE, JobState.FAILED, JobState.STOPPED)
-
     def __str__(self) -> str:
         return self.value
 
