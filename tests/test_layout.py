@@ -41,6 +41,11 @@ def _imports(path: Path) -> set[str]:
     return {n for n in found if n.split(".")[0] in ("adaprelora_diffusion", "app", "benchmarks") and n != own}
 
 
+def _room_imports(room: str) -> dict[str, set[str]]:
+    """{module path inside the package: what it imports} for one room (tests/llm/test_layout_llm.py uses it)."""
+    return {str(p.relative_to(PACKAGE)): _imports(p) for p in (PACKAGE / room).rglob("*.py")}
+
+
 def _graph() -> dict[str, set[str]]:
     files = [*PACKAGE.rglob("*.py"), *(ROOT / "app").rglob("*.py")]
     return {_module_name(p): _imports(p) for p in files}
