@@ -63,7 +63,10 @@ def launch(args: argparse.Namespace, block: bool = True):
     # Gradio keeps uploads in its temp folder: inside the workspace, so photos never land elsewhere.
     os.environ["GRADIO_TEMP_DIR"] = str(ws.gradio_dir)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from starlette.middleware import Middleware
+
     from .scheduler import Scheduler
+    from .served import ServedFilesGuard
     from .service import JobService
     from .ui import CSS, build_ui
     from .uploads import UploadLimits
@@ -72,6 +75,7 @@ def launch(args: argparse.Namespace, block: bool = True):
     scheduler = Scheduler(ws)
     model_dirs = [Path(d).expanduser().resolve() for d in args.model_dir] + [ws.models_dir]
     service = JobService(ws, model_dirs, UploadLimits(args.max_file_mb, args.max_upload_mb, args.max_files), scheduler)
+    service.served.reset()  # nothing uploaded or served before this start is served after it
     scheduler.start()
     demo = build_ui(service)
     demo.app_lock = app_lock
@@ -81,8 +85,11 @@ def launch(args: argparse.Namespace, block: bool = True):
         server_name=args.host, server_port=args.port, share=args.share, auth=auth or None,
         allowed_paths=[],  # nothing beyond Gradio's own folder is ever served
         blocked_paths=[str(ws.jobs_dir), *(str(d) for d in model_dirs)],
-        max_file_size=f"{int(args.max_file_mb * 1024)}kb", run_history=False,  # uploads may be faces
+        # Gradio refuses a whole upload when one file is over its limit: its limit is the set's, so an
+        # oversized photo reaches the app's own check, which names it and keeps the others
+        max_file_size=f"{int(args.max_upload_mb * 1024)}kb", run_history=False,  # uploads may be faces
         footer_links=["api"], css=CSS, ssr_mode=False, quiet=False, prevent_thread_lock=not block,
+        app_kwargs={"middleware": [Middleware(ServedFilesGuard, served=service.served)]},  # files: their user only
     )
 
 

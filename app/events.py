@@ -3,7 +3,9 @@
 One JSON object a line (``kind``, ``step``, ``max_steps``, ``loss``, ``lr``, ``time``,
 ``message``), appended and flushed per event, so a reader never needs the worker to be alive
 and a page that reconnects finds the whole history. Status reads only the file's tail, so it
-stays fast however long the run.
+stays fast however long the run. Besides the trainer's events, each worker writes an
+``attempt`` event when it starts: until that attempt's ``start`` (the trainer has loaded and
+resumed), the step shown is the one it resumes from, not the previous attempt's last.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any
 
 from adaprelora_diffusion.engine.progress import ProgressEvent
 
-__all__ = ["EventLog", "read_events", "progress_summary", "loss_series", "EVENTS_NAME"]
+__all__ = ["EventLog", "read_events", "progress_summary", "loss_series", "EVENTS_NAME", "ATTEMPT"]
 
 EVENTS_NAME = "events.jsonl"
+ATTEMPT = "attempt"  # a worker started; the trainer's own "start" follows once it has loaded and resumed
 _TAIL_BYTES = 16_384
 _RATE_WINDOW = 20  # step events the ETA's rate is measured over
 
@@ -64,9 +67,15 @@ def read_events(path: Path, tail_bytes: int | None = None) -> list[dict[str, Any
 
 
 def progress_summary(path: Path) -> dict[str, Any]:
-    """The newest step, total, recent loss and ETA (seconds, from the recent step rate of this attempt)."""
+    """The newest step, total, recent loss and ETA (seconds, from the recent step rate of this attempt);
+    ``attempt_pid``, the worker of the newest ``attempt`` event (None if the tail has none), and
+    ``started``, whether the trainer's ``start`` came after it (True when the tail has neither)."""
     events = read_events(path, tail_bytes=_TAIL_BYTES)
-    summary: dict[str, Any] = {"step": 0, "max_steps": None, "loss": None, "eta_seconds": None}
+    marks = [e for e in events if e.get("kind") in (ATTEMPT, "start")]
+    attempts = [e for e in marks if e.get("kind") == ATTEMPT]
+    summary: dict[str, Any] = {"step": 0, "max_steps": None, "loss": None, "eta_seconds": None,
+                               "attempt_pid": attempts[-1].get("pid") if attempts else None,
+                               "started": not marks or marks[-1].get("kind") == "start"}
     with_steps = [e for e in events if isinstance(e.get("step"), int)]
     if not with_steps:
         return summary

@@ -1,7 +1,7 @@
 """One job's folder and its state.
 
     job.json        what was asked (owner, name, settings, images); written once, at creation
-    state.json      queued | running | done | failed | stopped, with the error and timestamps
+    state.json      JobState (queued | running | done | failed | stopped), with the error and timestamps
     uploads/        the checked images (renamed by the app) and their caption files
     output/         the trainer's --output_dir (LoRA, kohya file, model card, checkpoints, samples)
     events.jsonl    the trainer's progress events, one JSON object a line (events.py)
@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import signal
 import time
+import traceback
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,21 @@ from adaprelora_diffusion.engine.atomic import atomic_write_text
 from adaprelora_diffusion.engine.checkpoints import list_checkpoints
 from adaprelora_diffusion.engine.lock import is_locked
 
-__all__ = ["STATES", "read_job", "write_job", "read_state", "update_state", "worker_alive", "reconcile",
-           "lock_path", "stop_path", "output_dir", "uploads_dir", "log_tail", "describe_exit"]
+__all__ = ["JobState", "read_job", "write_job", "read_state", "update_state", "worker_alive", "reconcile",
+           "lock_path", "stop_path", "output_dir", "uploads_dir", "log_tail", "log_error", "describe_exit", "resumable_step"]
 
-STATES = ("queued", "running", "done", "failed", "stopped")
-FINISHED = ("done", "failed", "stopped")
+
+class JobState(str, Enum):
+    """A job's state, as ``state.json`` stores it (the member's value: plain JSON text)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def lock_path(job_dir: Path) -> Path:
@@ -62,7 +74,7 @@ def read_state(job_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((job_dir / "state.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {"state": "queued"}
+        return {"state": JobState.QUEUED.value}
 
 
 def update_state(job_dir: Path, **changes: Any) -> dict[str, Any]:
@@ -90,6 +102,13 @@ def log_tail(job_dir: Path, lines: int = 40, max_bytes: int = 64_000) -> str:
     return "\n".join([line for line in shown if line.strip()][-lines:])
 
 
+def log_error(job_dir: Path, what: str, err: BaseException) -> None:
+    """Append ``what`` failed, with the traceback, to the job's log (the page shows one sentence, the log the rest)."""
+    lines = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    with open(job_dir / "log.txt", "a", encoding="utf-8") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR app: {what} failed:\n{lines}")
+
+
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "ended without reporting a result (it was killed, ran out of memory, or the machine restarted)"
@@ -100,6 +119,12 @@ def describe_exit(returncode: int | None) -> str:
             name = f"signal {-returncode}"
         return f"was killed by {name}" + (" (out of memory, or `kill -9`)" if name == "SIGKILL" else "")
     return f"exited with status {returncode} without reporting a result"
+
+
+def resumable_step(job_dir: Path) -> int:
+    """The step a resumed worker continues from: its newest complete checkpoint's (0 without one)."""
+    checkpoints = list_checkpoints(output_dir(job_dir))
+    return int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
 
 
 def _resume_hint(job_dir: Path) -> str:
@@ -116,10 +141,10 @@ def reconcile(job_dir: Path, returncode: int | None = None) -> dict[str, Any]:
     lets go of the lock, so a free lock with ``running`` still on disk means the worker died."""
     alive = worker_alive(job_dir)
     state = read_state(job_dir)
-    if state.get("state") == "running" and not alive:
+    if state.get("state") == JobState.RUNNING and not alive:
         last = [line for line in log_tail(job_dir, 5).splitlines() if line.strip()]
         detail = f" Last log line: {last[-1][-300:]}" if last else ""
         pid = state.get("pid", "?")
         reason = f"The training worker (pid {pid}) {describe_exit(returncode)}.{_resume_hint(job_dir)}{detail}"
-        state = update_state(job_dir, state="failed", error=reason, finished_at=time.time())
+        state = update_state(job_dir, state=JobState.FAILED, error=reason, finished_at=time.time())
     return state

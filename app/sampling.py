@@ -1,11 +1,14 @@
 """Sampling a job's LoRA next to its base model, and a grid over checkpoints x LoRA scales.
 
-The final LoRA is loaded the way a user would load the download (``load_lora_into_pipeline``,
-i.e. diffusers' ``load_lora_weights``), so sampling it also proves the file works. A checkpoint
-has no LoRA file, only the trained tensors: those are put back into the same adapters the
-trainer attached (``lora_setup.attach_lora`` with the checkpoint's own settings). The base image
-is the same pipeline with the adapters switched off, with the same seed, so the two differ only
-by the LoRA. Runs in the app process, one request at a time, keeping the last model loaded.
+The pipeline is the trainer's own (``validation.build_pipeline``: SD 1.x/2.x, or SDXL with both
+text encoders). The final LoRA is loaded the way a user would load the download
+(``load_lora_into_pipeline``, i.e. diffusers' ``load_lora_weights``), so sampling it also proves
+the file works. A checkpoint has no LoRA file, only the trained tensors: those are put back into
+the same adapters the trainer attached (``lora_setup.attach_lora`` with the checkpoint's own
+settings) by the checkpoint format's one reader (``engine.checkpoints.load_params``). The base
+image is the same pipeline with the adapters switched off (``lora_setup.adapters_disabled``), with
+the same seed, so the two differ only by the LoRA. Runs in the app process, one request at a
+time, keeping the last model loaded.
 """
 
 from __future__ import annotations
@@ -63,20 +66,6 @@ def checkpoint_names(job_dir: Path) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def _adapters_off(*models):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-
-
 class Sampler:
     def __init__(self):
         self._lock = threading.Lock()
@@ -107,53 +96,51 @@ class Sampler:
             return self._pipe[1], self._pipe[2]
         if checkpoint not in checkpoint_names(job_dir):
             raise AppError(f"This job has no checkpoint {checkpoint[:40]!r} (it has: {', '.join(checkpoint_names(job_dir)) or 'none yet'}).")
-        from adaprelora_diffusion.dreambooth.model_loading import stable_diffusion_pipeline_class
-        from adaprelora_diffusion.dreambooth.validation import make_sampling_scheduler
+        from adaprelora_diffusion.dreambooth.validation import build_pipeline, make_sampling_scheduler
 
         config = self._config(job_dir)
         base = self._components(config.pretrained_model_name_or_path)
         self._pipe = None
+        # the trainer's own pipeline builder (SD 1.x/2.x or SDXL), around copies that take the LoRA
         unet, text_encoder = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
-        pipe = stable_diffusion_pipeline_class()(
-            vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
-            scheduler=make_sampling_scheduler(base.noise_scheduler.config), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        text_encoder_2 = copy.deepcopy(base.text_encoder_2) if base.is_sdxl else None
+        pipe = build_pipeline(unet=unet, text_encoder=text_encoder, vae=base.vae, tokenizer=base.tokenizer,
+                              scheduler=make_sampling_scheduler(base.noise_scheduler.config), text_encoder_2=text_encoder_2,
+                              tokenizer_2=base.tokenizer_2)
         pipe.set_progress_bar_config(disable=True)
         if checkpoint == FINAL:
             from adaprelora_diffusion.dreambooth.lora_files import load_lora_into_pipeline
 
             load_lora_into_pipeline(pipe, jobs.output_dir(job_dir))
         else:
-            self._load_checkpoint(jobs.output_dir(job_dir) / checkpoint, unet, text_encoder)
+            self._load_checkpoint(jobs.output_dir(job_dir) / checkpoint, unet, text_encoder, text_encoder_2)
         self._pipe = (key, pipe, config)
         return pipe, config
 
     @staticmethod
-    def _load_checkpoint(path: Path, unet, text_encoder) -> None:
-        import torch
-        from safetensors.torch import load_file
-
+    def _load_checkpoint(path: Path, unet, text_encoder, text_encoder_2) -> None:
+        """The checkpoint's trained tensors, put back into the adapters the trainer attached (its own settings)."""
         from adaprelora_diffusion.dreambooth import TrainConfig
-        from adaprelora_diffusion.dreambooth.lora_setup import attach_lora
-        from adaprelora_diffusion.engine.checkpoints import read_run_config, verify_checkpoint
+        from adaprelora_diffusion.dreambooth.lora_setup import attach_lora, trained_params_by_name
+        from adaprelora_diffusion.engine.checkpoints import CheckpointError, load_params, read_run_config, verify_checkpoint
 
         try:
             verify_checkpoint(path)
-        except Exception as err:
-            raise AppError(str(err)) from err
-        saved = TrainConfig(**(read_run_config(path) or {}))
-        attach_lora(unet, text_encoder, saved)
-        tensors = load_file(str(path / "lora_params.safetensors"))
-        params = {f"{tag}.{n}": p for tag, m in (("unet", unet), ("text_encoder", text_encoder)) for n, p in m.named_parameters()}
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor)
+            saved = TrainConfig(**(read_run_config(path) or {}))
+            attach_lora(unet, [te for te in (text_encoder, text_encoder_2) if te is not None], saved)
+            load_params(path, trained_params_by_name({"unet": unet, "text_encoder": text_encoder,
+                                                      "text_encoder_2": text_encoder_2}))
+        except CheckpointError as err:
+            raise AppError(f"{err} Pick another checkpoint.") from err
 
     def _generate(self, pipe, config, request: SampleRequest, lora: bool) -> Image.Image:
         import torch
 
+        from adaprelora_diffusion.dreambooth.lora_setup import adapters_disabled
+
         steps = request.steps or config.num_validation_inference_steps
-        context = contextlib.nullcontext() if lora else _adapters_off(pipe.unet, pipe.text_encoder)
+        context = contextlib.nullcontext() if lora else adapters_disabled(pipe.unet, pipe.text_encoder,
+                                                                          getattr(pipe, "text_encoder_2", None))
         with torch.no_grad(), context:
             return pipe(request.prompt, negative_prompt=request.negative_prompt or None, height=config.resolution,
                         width=config.resolution, num_inference_steps=steps, guidance_scale=float(request.guidance),

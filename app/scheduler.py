@@ -49,7 +49,7 @@ def _spawn(job_dir: Path) -> subprocess.Popen:
                                     env=_worker_env(fd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     pass_fds=(fd,), start_new_session=True)
         state = jobs.read_state(job_dir)
-        jobs.update_state(job_dir, state="running", pid=proc.pid, started_at=time.time(), error=None,
+        jobs.update_state(job_dir, state=jobs.JobState.RUNNING, pid=proc.pid, started_at=time.time(), error=None,
                           attempt=int(state.get("attempt", 0)) + 1)
         return proc
     finally:
@@ -58,7 +58,7 @@ def _spawn(job_dir: Path) -> subprocess.Popen:
 
 def _queued(ws: Workspace) -> list[Path]:
     found = [(jobs.read_state(d), d) for d in ws.job_dirs()]
-    return [d for s, d in sorted(found, key=lambda x: x[0].get("queued_at", 0)) if s.get("state") == "queued"]
+    return [d for s, d in sorted(found, key=lambda x: x[0].get("queued_at", 0)) if s.get("state") == jobs.JobState.QUEUED]
 
 
 def start_next(ws: Workspace, children: dict[str, subprocess.Popen] | None = None) -> str | None:
@@ -66,7 +66,7 @@ def start_next(ws: Workspace, children: dict[str, subprocess.Popen] | None = Non
     with ws.locked():
         for job_dir in ws.job_dirs():
             state = jobs.reconcile(job_dir, _returncode(children, job_dir.name))
-            if state.get("state") == "running":
+            if state.get("state") == jobs.JobState.RUNNING:
                 return None
         queued = _queued(ws)
         if not queued:
@@ -104,7 +104,7 @@ class Scheduler(threading.Thread):
         start_next(self.ws, self.children)
         for job_id, proc in list(self.children.items()):
             # poll() reaps the child; once start_next has reconciled its job, it is accounted for
-            if proc.poll() is not None and jobs.read_state(self.ws.jobs_dir / job_id).get("state") != "running":
+            if proc.poll() is not None and jobs.read_state(self.ws.jobs_dir / job_id).get("state") != jobs.JobState.RUNNING:
                 del self.children[job_id]
 
     def run(self) -> None:

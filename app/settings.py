@@ -20,7 +20,7 @@ from adaprelora_diffusion.dreambooth.model_loading import model_defaults, resolv
 
 from .errors import AppError
 from .models import resolve_model
-from .presets import PRESETS, instance_prompt_for, preset_values
+from .presets import PRESETS, device_defaults, instance_prompt_for, preset_values
 
 __all__ = ["JobSettings", "parse_settings", "TRAIN_KEYS", "APP_KEYS", "APP_SET_KEYS"]
 
@@ -125,7 +125,7 @@ def parse_settings(settings: Any, model_dirs: Sequence[Path]) -> JobSettings:
     recommended = {k: v for k, v in model_defaults(resolve_model_source(model)[1]).items()
                    if k not in ("instance_data_dir", "instance_prompt")}
     explicit = {k: _coerce(k, v) for k, v in settings.items() if k in TRAIN_KEYS and k != "pretrained_model_name_or_path"}
-    train = {**preset_values(preset, recommended), **explicit, "pretrained_model_name_or_path": model}
+    train = {**preset_values(preset, recommended), **device_defaults(), **explicit, "pretrained_model_name_or_path": model}
 
     trigger = _text(settings, "trigger_word", "sks", _WORD, "one word of letters, digits, '-' or '_' (e.g. sks)")
     class_word = _text(settings, "class_word", "person" if preset == "person" else "object", _CLASS,
@@ -135,8 +135,11 @@ def parse_settings(settings: Any, model_dirs: Sequence[Path]) -> JobSettings:
     if train.get("with_prior_preservation"):
         train.setdefault("class_prompt", f"a photo of a {class_word}")
     steps = train.get("max_train_steps") or recommended.get("max_train_steps") or REAL_DEFAULTS["max_train_steps"]
-    train.setdefault("checkpointing_steps", max(1, steps // 4))  # several checkpoints: Stop/Resume and the grid use them
-    train.setdefault("validation_steps", max(1, steps // 4))
+    # a quarter of the run, rounded up: the last interval ends at or before the final step, never just before it
+    # (150 steps // 4 = 37 would sample at 148 and again at 150)
+    every = max(1, -(-steps // 4))
+    train.setdefault("checkpointing_steps", every)  # several checkpoints: Stop/Resume and the grid use them
+    train.setdefault("validation_steps", every)
     train.setdefault("output_kohya_format", True)  # the download carries both files
     train.setdefault("report_to", "none")  # the page plots the loss itself
 

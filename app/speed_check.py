@@ -14,13 +14,14 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from adaprelora_diffusion.engine.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBJECT = ROOT / "adaprelora_diffusion" / "demo" / "assets" / "demo_subject"
@@ -51,9 +52,7 @@ def run_app(work: Path, settings: dict) -> Path:
     """Train one job through a launched app; returns its output folder."""
     from gradio_client import Client, handle_file
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     workspace = work / f"workspace-{port}"
     app = subprocess.Popen([sys.executable, "-m", "app", "--workspace", str(workspace), "--port", str(port)], env=_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

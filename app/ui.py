@@ -3,18 +3,19 @@
 Nothing here trains or waits for training: every handler reads or writes job folders and
 returns at once, so a closed tab, a reload or an app restart never touches a run. The page
 reconnects by itself: the browser remembers the selected job (``gr.BrowserState``) and a
-``gr.Timer`` refreshes the live view from the job's files.
+``gr.Timer`` refreshes the live view from the job's files, sending each part only when it changed.
 
 API endpoints (``gradio_client``): create_job, job_status, stop_job, resume_job, delete_job,
 list_jobs, sample, download (payloads in docs/app.md). File inputs and outputs go through
-hidden components, so Gradio itself checks that an input file was uploaded to it and serves
-outputs from its own folder; the page's own handlers are private (not callable by clients).
+hidden components, so Gradio itself checks that an input file was uploaded to it; files go out
+as the caller's own served copies (served.py). The page's own handlers are private.
 """
 
 from __future__ import annotations
 
 import functools
 import html
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,19 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from adaprelora_diffusion.dreambooth.model_loading import model_defaults, resolve_model_source
-from adaprelora_diffusion.optim import OPTIMIZERS
+from adaprelora_diffusion.dreambooth.config import REAL_DEFAULTS
+from adaprelora_diffusion.dreambooth.model_loading import model_defaults, resolve_model_source, source_is_sdxl
+from adaprelora_diffusion.optim import ADAPRELORA_SETTINGS, OPTIMIZERS
 
 from .captions import suggest_caption
 from .errors import AppError
+from .jobs import JobState
 from .models import DEFAULT_MODEL, model_choices, resolve_model
-from .presets import PRESETS, instance_prompt_for, preset_values
+from .presets import PRESETS, device_defaults, instance_prompt_for, preset_values
 from .sampling import FINAL, SampleRequest
 from .service import JobService
 
-__all__ = ["build_ui", "CSS"]
+__all__ = ["build_ui", "CSS", "live_view_update", "adaprelora_inputs"]
 
 CSS = """
 .arl-track {background: var(--neutral-200); border-radius: 6px; height: 18px; overflow: hidden;}
@@ -40,21 +43,38 @@ CSS = """
 .arl-line {margin-top: 6px; font-size: 15px;}
 """
 PRIVATE = {"api_visibility": "private"}
+DOWNLOAD_NOTE = ("One zip with the diffusers file, the kohya file, the model card (its README says which tool reads which "
+                 "file) and the training config; each file on its own below it. **Which file:** "
+                 "`pytorch_lora_weights_kohya.safetensors` for AUTOMATIC1111, ComfyUI and kohya's scripts (every key "
+                 "applies, with its alpha); `pytorch_lora_weights.safetensors` for diffusers and peft only: AUTOMATIC1111 "
+                 "matches none of its keys and ComfyUI loses every UNet attention projection (their alpha is only in the "
+                 "file's metadata, which ComfyUI ignores).")
 
 
 def _user(request: gr.Request | None) -> str:
     return (getattr(request, "username", None) or "") if request is not None else ""
 
 
-def _plain_errors(fn):
-    """AppError -> gr.Error: the person sees the sentence, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AppError as err:
-            raise gr.Error(str(err), print_exception=False) from err
-    return wrapper
+def _handled(service: JobService, what: str):
+    """Every failure reaches the person as one sentence: an AppError as it is (bad input, with the fix);
+    anything else as "<what> failed (...)", its traceback in the job's log (service.failure)."""
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except AppError as err:
+                raise gr.Error(str(err), print_exception=False) from err
+            except gr.Error:
+                raise
+            except Exception as err:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+                message = service.failure(what, err, bound.get("job_id"), _user(bound.get("request")))
+                raise gr.Error(message, print_exception=False) from err
+        return wrapper
+    return wrap
 
 
 def _files(value: Any) -> list[tuple[str, Path]]:
@@ -77,11 +97,11 @@ def progress_html(status: dict[str, Any] | None) -> str:
     if not status:
         return "<div class='arl-line'>No job selected: create one in <b>New job</b>, or pick one above.</div>"
     step, total = status.get("step") or 0, status.get("max_steps") or 0
-    pct = 100 if status["state"] == "done" else (round(100 * step / total) if total else 0)
+    pct = 100 if status["state"] == JobState.DONE else (round(100 * step / total) if total else 0)
     parts = [f"<b>{status['state']}</b>", f"step {step}/{total or '?'}"]
     if status.get("loss") is not None:
         parts.append(f"loss {status['loss']:.4f}")
-    if status["state"] == "running":
+    if status["state"] == JobState.RUNNING:
         parts.append(f"ETA {_eta(status.get('eta_seconds'))}")
     if status.get("queue_position"):
         parts.append(f"position {status['queue_position']} in the queue")
@@ -96,15 +116,81 @@ def _job_choices(service: JobService, user: str) -> list[tuple[str, str]]:
 
 
 def _advanced_defaults(preset: str, model: str, model_dirs) -> tuple:
-    """The values a preset gives the advanced fields for this model (shown, so nothing is hidden)."""
+    """The values a preset gives the advanced fields for this model (shown, so nothing is hidden), and a
+    sentence saying what they are and why."""
     try:
-        source = resolve_model_source(resolve_model(model, model_dirs))[1]
-    except (AppError, ValueError):
-        return (gr.skip(),) * 5
-    recommended = model_defaults(source)
+        resolved = resolve_model(model, model_dirs)
+        source = resolve_model_source(resolved)[1]
+        sdxl = source_is_sdxl(resolved)
+    except (AppError, ValueError) as err:
+        return (*(gr.skip(),) * 5, f"**Base model:** {err}")
+    recommended = model_defaults(source, sdxl=sdxl)
     values = preset_values(preset, recommended)
-    steps = values["max_train_steps"]
-    return (values["learning_rate"], steps, recommended.get("resolution", 512), values["rank"], None)
+    resolution = recommended.get("resolution", REAL_DEFAULTS["resolution"])
+    family = "an SDXL model" if sdxl else ("the embedded demo model" if resolved is None else "an SD 1.x/2.x model")
+    note = (f"**Base model:** {family}. The {preset} preset trains it at **{resolution} px** for **{values['max_train_steps']} "
+            f"steps** at learning rate **{values['learning_rate']:g}** (its recommended values; change them under "
+            f"Advanced). Photos are checked against {resolution} px.")
+    return (values["learning_rate"], values["max_train_steps"], resolution, values["rank"], None, note)
+
+
+def adaprelora_inputs() -> list[gr.components.Component]:
+    """One field per AdaPreLoRA setting, generated from their one definition (``optim.settings``)."""
+    fields = []
+    for s in ADAPRELORA_SETTINGS:
+        label, info = s.flag, s.help
+        if s.kind is bool:
+            fields.append(gr.Checkbox(s.default, label=label, info=info))
+        elif s.choices is not None:
+            fields.append(gr.Dropdown(list(s.choices), value=s.default, label=label, info=info))
+        else:
+            fields.append(gr.Number(s.default, label=label, info=info))
+    return fields
+
+
+def _adaprelora_values(values: list[Any]) -> dict[str, Any]:
+    """The advanced panel's AdaPreLoRA fields that differ from their defaults, as settings."""
+    out = {}
+    for s, value in zip(ADAPRELORA_SETTINGS, values):
+        value = None if value == "" else value
+        if s.normalize(value) != s.default:
+            out[s.flag] = value
+    return out
+
+
+def live_view_update(service: JobService, job_id: str | None, shown: dict | None, user: str) -> tuple[tuple, dict | None]:
+    """What the live view sends for ``job_id``, given what it ``shown`` before: every part that did not
+    change is ``gr.skip()``, so an image is sent (and copied for serving) once, not on every tick.
+    Returns (the outputs, what is shown now)."""
+    skip = gr.skip()
+    if not job_id:
+        return (progress_html(None), skip, skip, "", "", skip, skip, skip, skip, ""), None
+    try:
+        view = service.job_view(job_id, user)
+    except AppError as err:
+        return (progress_html(None), skip, skip, "", str(err), skip, skip, skip, skip, ""), None
+    now = {"job": job_id, "state": view["status"]["state"], "loss": len(view["loss"]), "samples": view["samples_key"],
+           "checkpoints": view["checkpoints"]}
+    before = shown if shown and shown.get("job") == job_id else {}
+
+    def changed(*keys: str) -> bool:
+        return any(before.get(k) != now[k] for k in keys) or not before
+
+    ckpts = view["checkpoints"]
+    notes_md = "\n".join(f"- **Check:** {w}" for w in view["warnings"])
+    outputs = (
+        progress_html(view["status"]),
+        pd.DataFrame(view["loss"], columns=["step", "loss"]) if changed("loss") else skip,
+        service.latest_samples(job_id, user) if changed("samples") else skip,
+        view["log"], notes_md,
+        gr.update(choices=ckpts or [FINAL], value=FINAL if FINAL in ckpts else (ckpts[-1] if ckpts else FINAL))
+        if changed("checkpoints") else skip,
+        gr.update(choices=ckpts) if changed("checkpoints") else skip,
+        gr.update(value=view["prompt"]) if not before else skip,
+        gr.update(choices=_job_choices(service, user)) if changed("state") else skip,
+        view["command"] if not before else skip,
+    )
+    return outputs, now
 
 
 def build_ui(service: JobService) -> gr.Blocks:
@@ -115,7 +201,7 @@ def build_ui(service: JobService) -> gr.Blocks:
                     "**Train**. Training runs on the server: close the tab and come back later.")
         with gr.Row():
             job = gr.Dropdown(label="Job", choices=[], value=None, interactive=True, scale=5, elem_id="job-select")
-            refresh = gr.Button("↻ Refresh", scale=0, min_width=100)
+            refresh = gr.Button("↻ Refresh (jobs and models)", scale=0, min_width=120, elem_id="refresh")
 
         with gr.Tabs(selected="new") as tabs:
             with gr.Tab("1 · New job", id="new"):
@@ -133,7 +219,9 @@ def build_ui(service: JobService) -> gr.Blocks:
                 with gr.Row():
                     preset = gr.Radio(list(PRESETS), value="object", label="Preset")
                     model = gr.Dropdown(choices=model_choices(model_dirs), value=DEFAULT_MODEL, allow_custom_value=True,
-                                        label="Base model", info="a local model, or a Hub id owner/name (online only)")
+                                        label="Base model", info="a local model, or a Hub id owner/name (online only)",
+                                        elem_id="model-select")
+                model_note = gr.Markdown(elem_id="model-note")
                 with gr.Accordion("Advanced (the trainer's flags)", open=False):
                     with gr.Row():
                         optimizer = gr.Dropdown(list(OPTIMIZERS), value="adaprelora", label="Optimizer")
@@ -144,6 +232,11 @@ def build_ui(service: JobService) -> gr.Blocks:
                         rank = gr.Number(label="LoRA rank", precision=0)
                         ckpt_every = gr.Number(label="Checkpoint every N steps (empty: 4 per run)", precision=0)
                         seed = gr.Number(0, label="Seed", precision=0)
+                        step0 = gr.Checkbox(not device_defaults().get("skip_initial_validation", False),
+                                            label="Samples before training (step 0)",
+                                            info="the base model's images; off by default without a GPU (slow there)")
+                    with gr.Accordion("AdaPreLoRA's settings", open=False, visible=True) as adaprelora_box:
+                        adaprelora = adaprelora_inputs()
                     extra = gr.Textbox(label="Other flags as JSON", placeholder='{"lora_alpha": 8, "random_flip": true}')
                 train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
 
@@ -156,9 +249,13 @@ def build_ui(service: JobService) -> gr.Blocks:
                 with gr.Row():
                     loss_plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Loss",
                                             height=260, elem_id="loss-plot")
-                    samples = gr.Gallery(label="Validation samples", columns=4, height=260, object_fit="contain", elem_id="samples")
+                    samples = gr.Gallery(label="Validation samples (newest step first)", columns=4, height=260,
+                                         object_fit="contain", elem_id="samples")
                 log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="log")
                 notes = gr.Markdown()
+                command = gr.Code(label="The same job from the command line (e.g. on a GPU box; ./photos: your photos, "
+                                        "captions as <name>.txt beside them)", language="shell", interactive=False,
+                                  buttons=["copy"], elem_id="command")
 
             with gr.Tab("3 · Sample", id="sample"):
                 with gr.Row():
@@ -180,12 +277,11 @@ def build_ui(service: JobService) -> gr.Blocks:
                     grid_img = gr.Image(label="Grid", type="filepath")
 
             with gr.Tab("4 · Download", id="download"):
-                gr.Markdown("One zip with the diffusers file, the kohya file (AUTOMATIC1111, ComfyUI), the model card and "
-                            "the training config; each file on its own below it.")
+                gr.Markdown(DOWNLOAD_NOTE, elem_id="download-note")
                 dl_btn = gr.Button("Prepare downloads", variant="primary")
                 dl_files = gr.File(label="Files", file_count="multiple", elem_id="downloads")
 
-        view_key = gr.State(None)  # what the live view last showed, so unchanged parts are skipped
+        view_key = gr.State(None)  # what the live view last showed, so unchanged parts are not sent again
 
         # -- handlers ------------------------------------------------------------------------
         def on_load(saved: str, request: gr.Request):
@@ -195,16 +291,21 @@ def build_ui(service: JobService) -> gr.Blocks:
             chosen = saved if saved in ids else (ids[0] if ids else None)
             return gr.update(choices=choices, value=chosen), gr.Tabs(selected="training" if chosen else "new")
 
-        def refresh_jobs(current: str | None, request: gr.Request):
+        @_handled(service, "Refreshing the lists")
+        def refresh_lists(current: str | None, model_value: str | None, request: gr.Request):
+            """The jobs, and the models in the model folders (added ones appear without a restart)."""
             choices = _job_choices(service, _user(request))
-            return gr.update(choices=choices, value=current if current in [v for _, v in choices] else None)
+            return (gr.update(choices=choices, value=current if current in [v for _, v in choices] else None),
+                    gr.update(choices=model_choices(model_dirs), value=model_value))
 
-        @_plain_errors
-        def check_photos(files, preset_name, model_value, request: gr.Request):
-            pairs = _files(files)
-            report_ = service.check_upload(pairs, {"preset": preset_name, "pretrained_model_name_or_path": model_value})
-            usable = [i for i in report_.images if i.problem is None]
-            return report_.as_markdown(), [(str(i.path), i.name) for i in usable], [[i.name, ""] for i in usable]
+        @_handled(service, "Checking the photos")
+        def check_photos(files, preset_name, model_value, resolution_value, request: gr.Request):
+            settings: dict[str, Any] = {"preset": preset_name, "pretrained_model_name_or_path": model_value}
+            if resolution_value:
+                settings["resolution"] = resolution_value
+            report_ = service.check_upload(_files(files), settings)
+            return (report_.as_markdown(leave_out_refused=True), service.thumbnails(_user(request), report_),
+                    [[i.name, ""] for i in report_.usable])
 
         def suggest_captions(files, preset_name, trigger_word, class_name):
             default = instance_prompt_for(preset_name, trigger_word or "sks", class_name or "object")
@@ -213,17 +314,21 @@ def build_ui(service: JobService) -> gr.Blocks:
         def fill_advanced(preset_name, model_value):
             return _advanced_defaults(preset_name, model_value, model_dirs)
 
-        @_plain_errors
-        def create_from_page(files, caption_rows, preset_name, model_value, trigger_word, class_name, job_name, optimizer_,
-                             lr_, steps_, resolution_, rank_, ckpt_, seed_, extra_json, request: gr.Request):
-            settings: dict[str, Any] = {"preset": preset_name, "pretrained_model_name_or_path": model_value,
-                                        "trigger_word": trigger_word, "class_word": class_name, "optimizer": optimizer_}
-            if job_name:
-                settings["name"] = job_name
-            for key, value in (("learning_rate", lr_), ("max_train_steps", steps_), ("resolution", resolution_),
-                               ("rank", rank_), ("checkpointing_steps", ckpt_), ("seed", seed_)):
-                if value not in (None, ""):
-                    settings[key] = value
+        @_handled(service, "Creating the job")
+        def create_from_page(values: dict, request: gr.Request):
+            settings: dict[str, Any] = {"preset": values[preset], "pretrained_model_name_or_path": values[model],
+                                        "trigger_word": values[trigger], "class_word": values[class_word],
+                                        "optimizer": values[optimizer]}
+            if values[name]:
+                settings["name"] = values[name]
+            for key, field in (("learning_rate", lr), ("max_train_steps", steps), ("resolution", resolution),
+                               ("rank", rank), ("checkpointing_steps", ckpt_every), ("seed", seed)):
+                if values[field] not in (None, ""):
+                    settings[key] = values[field]
+            settings["skip_initial_validation"] = not values[step0]
+            if values[optimizer] == "adaprelora":
+                settings.update(_adaprelora_values([values[c] for c in adaprelora]))
+            extra_json = values[extra]
             if extra_json and extra_json.strip():
                 try:
                     more = json.loads(extra_json)
@@ -232,55 +337,39 @@ def build_ui(service: JobService) -> gr.Blocks:
                 if not isinstance(more, dict):
                     raise AppError("'Other flags' must be a JSON object, e.g. {\"lora_alpha\": 8}.")
                 settings = {**more, **settings}
+            caption_rows = values[captions]
             rows = caption_rows.values.tolist() if isinstance(caption_rows, pd.DataFrame) else (caption_rows or [])
             settings["captions"] = {str(r[0]): str(r[1]) for r in rows if r and r[0] and r[1] and str(r[1]).strip()}
-            job_id = service.create_job(_files(files), settings, _user(request))
+            job_id = service.create_job(_files(values[photos]), settings, _user(request), leave_out_refused=True)
             choices = _job_choices(service, _user(request))
             return gr.update(choices=choices, value=job_id), job_id, gr.Tabs(selected="training"), None
 
+        @_handled(service, "Showing the job")
         def live_view(job_id: str | None, shown, request: gr.Request):
-            user = _user(request)
-            if not job_id:
-                return progress_html(None), gr.skip(), gr.skip(), "", "", gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
-            try:
-                view = service.job_view(job_id, user)
-            except AppError as err:
-                return progress_html(None), gr.skip(), gr.skip(), "", str(err), gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
-            key = (job_id, view["status"]["state"], len(view["loss"]), tuple(view["samples_key"]), tuple(view["checkpoints"]))
-            state_changed = shown is None or shown[:2] != list(key[:2])
-            changed = shown != list(key)
-            loss = pd.DataFrame(view["loss"], columns=["step", "loss"]) if changed else gr.skip()
-            gallery = service.latest_samples(job_id, user) if changed else gr.skip()
-            ckpts = view["checkpoints"]
-            notes_md = "\n".join(f"- **Check:** {w}" for w in view["warnings"])
-            return (progress_html(view["status"]), loss, gallery, view["log"], notes_md,
-                    gr.update(choices=ckpts or [FINAL], value=FINAL if FINAL in ckpts else (ckpts[-1] if ckpts else FINAL))
-                    if changed else gr.skip(),
-                    gr.update(choices=ckpts) if changed else gr.skip(),
-                    gr.update(value=view["prompt"]) if changed and shown is None else gr.skip(), list(key),
-                    gr.update(choices=_job_choices(service, user)) if state_changed else gr.skip())
+            outputs, now = live_view_update(service, job_id, shown, _user(request))
+            return (*outputs[:8], now, *outputs[8:])
 
-        @_plain_errors
+        @_handled(service, "Stopping the job")
         def stop(job_id, request: gr.Request):
             service.stop_job(job_id, _user(request))
 
-        @_plain_errors
+        @_handled(service, "Resuming the job")
         def resume(job_id, request: gr.Request):
             service.resume_job(job_id, _user(request))
 
-        @_plain_errors
+        @_handled(service, "Deleting the job")
         def delete(job_id, request: gr.Request):
             service.delete_job(job_id, _user(request))
             return gr.update(choices=_job_choices(service, _user(request)), value=None), "", None
 
-        @_plain_errors
+        @_handled(service, "Sampling")
         def sample_pair(job_id, prompt_, negative_, seed_, steps_, guidance_, scale_, checkpoint_, request: gr.Request):
             request_ = SampleRequest(prompt=prompt_, negative_prompt=negative_ or "", seed=int(seed_ or 0),
                                      steps=int(steps_) or None if steps_ else None, guidance=float(guidance_),
                                      lora_scale=float(scale_), checkpoint=checkpoint_ or FINAL)
             return service.sample(job_id, _user(request), request_)
 
-        @_plain_errors
+        @_handled(service, "Making the grid")
         def sample_grid(job_id, prompt_, negative_, seed_, steps_, guidance_, ckpts, scales_text, request: gr.Request):
             try:
                 scales = [float(s) for s in scales_text.replace(";", ",").split(",") if s.strip()]
@@ -290,24 +379,27 @@ def build_ui(service: JobService) -> gr.Blocks:
                                      steps=int(steps_) or None if steps_ else None, guidance=float(guidance_))
             return service.sample_grid(job_id, _user(request), request_, list(ckpts or []), scales)
 
-        @_plain_errors
+        @_handled(service, "Preparing the downloads")
         def downloads(job_id, request: gr.Request):
             return service.download_all(job_id, _user(request))
 
         demo.load(on_load, [remembered], [job, tabs], **PRIVATE)
         job.change(lambda j: j or "", [job], [remembered], **PRIVATE)
-        refresh.click(refresh_jobs, [job], [job], **PRIVATE)
-        for trigger_ in (photos.upload, photos.change):
-            trigger_(check_photos, [photos, preset, model], [report, thumbs, captions], **PRIVATE)
+        refresh.click(refresh_lists, [job, model], [job, model], **PRIVATE)
+        # .change also fires on upload; Gradio's File leaves an empty temporary file per photo per call (served.py sweeps them)
+        for trigger_ in (photos.change, resolution.change):
+            trigger_(check_photos, [photos, preset, model, resolution], [report, thumbs, captions], **PRIVATE)
         suggest.click(suggest_captions, [photos, preset, trigger, class_word], [captions], **PRIVATE)
+        advanced = [lr, steps, resolution, rank, ckpt_every, model_note]
         for trigger_ in (preset.change, model.change):
-            trigger_(fill_advanced, [preset, model], [lr, steps, resolution, rank, ckpt_every], **PRIVATE)
-        demo.load(fill_advanced, [preset, model], [lr, steps, resolution, rank, ckpt_every], **PRIVATE)
+            trigger_(fill_advanced, [preset, model], advanced, **PRIVATE)
+        demo.load(fill_advanced, [preset, model], advanced, **PRIVATE)
+        optimizer.change(lambda o: gr.Accordion(visible=o == "adaprelora"), [optimizer], [adaprelora_box], **PRIVATE)
         preset.change(lambda p: "person" if p == "person" else gr.skip(), [preset], [class_word], **PRIVATE)
-        train_btn.click(create_from_page, [photos, captions, preset, model, trigger, class_word, name, optimizer, lr, steps,
-                                           resolution, rank, ckpt_every, seed, extra], [job, remembered, tabs, view_key],
-                        **PRIVATE)
-        live_outputs = [progress, loss_plot, samples, log, notes, checkpoint, grid_ckpts, prompt, view_key, job]
+        page_inputs = {photos, captions, preset, model, trigger, class_word, name, optimizer, lr, steps, resolution, rank,
+                       ckpt_every, seed, step0, extra, *adaprelora}
+        train_btn.click(create_from_page, page_inputs, [job, remembered, tabs, view_key], **PRIVATE)
+        live_outputs = [progress, loss_plot, samples, log, notes, checkpoint, grid_ckpts, prompt, view_key, job, command]
         gr.Timer(1.0).tick(live_view, [job, view_key], live_outputs, concurrency_limit=None, show_progress="hidden", **PRIVATE)
         job.input(live_view, [job, gr.State(None)], live_outputs, concurrency_limit=None, **PRIVATE)
         stop_btn.click(stop, [job], None, **PRIVATE)
@@ -323,7 +415,7 @@ def build_ui(service: JobService) -> gr.Blocks:
 
 
 def _api_endpoints(service: JobService) -> None:
-    """The scriptable API. Files travel through hidden components so Gradio checks and serves them."""
+    """The scriptable API. Files travel through hidden components so Gradio checks uploads."""
     with gr.Row(visible=False):
         files_in = gr.File(file_count="multiple")
         settings_in = gr.JSON()
@@ -341,18 +433,18 @@ def _api_endpoints(service: JobService) -> None:
         file_out = gr.File()
         go = gr.Button()
 
-    @_plain_errors
+    @_handled(service, "Creating the job")
     def create_job(images, settings, request: gr.Request):
         return service.create_job(_files(images), settings, _user(request))
 
-    @_plain_errors
+    @_handled(service, "Sampling")
     def sample(job_id, prompt, seed, lora_scale, negative_prompt, steps, guidance, checkpoint, request: gr.Request):
         request_ = SampleRequest(prompt=prompt, negative_prompt=negative_prompt or "", seed=int(seed or 0),
                                  steps=int(steps) if steps else None, guidance=float(guidance), lora_scale=float(lora_scale),
                                  checkpoint=checkpoint or FINAL)
         return service.sample(job_id, _user(request), request_)
 
-    @_plain_errors
+    @_handled(service, "Preparing the download")
     def download(job_id, kind, request: gr.Request):
         return service.download(job_id, _user(request), kind or "zip")
 
@@ -361,27 +453,27 @@ def _api_endpoints(service: JobService) -> None:
              api_name="sample")
     go.click(download, [job_in, kind_in], [file_out], api_name="download")
 
-    @_plain_errors
+    @_handled(service, "Reading the job's status")
     def job_status(job_id: str, request: gr.Request) -> dict:
         """{state, step, max_steps, loss, eta_seconds, error, queue_position, name, job_id}"""
         return service.job_status(job_id, _user(request))
 
-    @_plain_errors
+    @_handled(service, "Stopping the job")
     def stop_job(job_id: str, request: gr.Request) -> dict:
         """Stop: a running job finishes its step and saves a checkpoint and the LoRA."""
         return service.stop_job(job_id, _user(request))
 
-    @_plain_errors
+    @_handled(service, "Resuming the job")
     def resume_job(job_id: str, request: gr.Request) -> dict:
         """Queue a stopped or failed job again; it continues from its newest checkpoint."""
         return service.resume_job(job_id, _user(request))
 
-    @_plain_errors
+    @_handled(service, "Deleting the job")
     def delete_job(job_id: str, request: gr.Request) -> dict:
         """Delete the job's uploads and outputs (a running job is killed first)."""
         return service.delete_job(job_id, _user(request))
 
-    @_plain_errors
+    @_handled(service, "Listing the jobs")
     def list_jobs(request: gr.Request) -> list:
         """The caller's jobs, newest first, each as job_status returns it."""
         return service.list_jobs(_user(request))

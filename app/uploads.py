@@ -64,11 +64,15 @@ class SetReport:
     def usable(self) -> list[ImageCheck]:
         return [i for i in self.images if i.problem is None]
 
-    def as_markdown(self) -> str:
+    def as_markdown(self, leave_out_refused: bool = False) -> str:
+        """The report as the page shows it; ``leave_out_refused``: photos that cannot be used are left out
+        of the job (named), not a reason to refuse it."""
         if not self.images:
             return "Add 3-30 photos of the subject (jpg, png or webp)."
+        refused = {i.problem for i in self.images if i.problem} if leave_out_refused else set()
         lines = [f"**{len(self.usable)} of {len(self.images)} file(s) usable.**"]
-        lines += [f"- **Fix:** {e}" for e in self.errors] + [f"- **Check:** {w}" for w in self.warnings]
+        lines += [f"- **Left out:** {e}" for e in self.errors if e in refused]
+        lines += [f"- **Fix:** {e}" for e in self.errors if e not in refused] + [f"- **Check:** {w}" for w in self.warnings]
         if not self.errors and not self.warnings:
             lines.append("- The set looks good.")
         return "\n".join(lines)

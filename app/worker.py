@@ -9,6 +9,7 @@ trainer then finishes the step, writes a checkpoint and the LoRA), and records t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,13 +21,19 @@ from pathlib import Path
 from adaprelora_diffusion.engine.lock import try_lock
 
 from . import jobs
-from .events import EVENTS_NAME, EventLog
+from .events import ATTEMPT, EVENTS_NAME, EventLog
 from .scheduler import LOCK_FD_ENV, start_next
 from .workspace import Workspace
 
 logger = logging.getLogger("app.worker")
 
-__all__ = ["main", "job_config", "StopRequest"]
+__all__ = ["main", "job_config", "StopRequest", "HOLD_ENV"]
+
+#: Test hook: the path of a JSON file ``{job id or "*": step or null}``. While it exists and names a step
+#: for this job (its id, else "*"), the worker waits after reporting that step or a later one: tests hold
+#: a job at a known step however fast the machine is, instead of racing it. Unset (always, outside
+#: tests), nothing waits.
+HOLD_ENV = "ADAPRELORA_WORKER_HOLD"
 
 
 def job_config(job_dir: Path):
@@ -83,6 +90,22 @@ class _LoggedEvents(EventLog):
         if event.kind != "step" or event.step % every == 0:
             loss = "-" if event.loss is None else f"{event.loss:.4f}"
             logger.info("%s %d/%d loss %s %s", event.kind, event.step, event.max_steps, loss, event.message or "")
+        if event.kind == "step":
+            _hold(self.path.parent.name, event.step)
+
+
+def _hold(job_id: str, step: int) -> None:
+    """The test hook HOLD_ENV: wait here while its file names a step <= ``step`` for this job."""
+    path = os.environ.get(HOLD_ENV)
+    while path:
+        try:
+            holds = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return
+        at = holds.get(job_id, holds.get("*"))
+        if at is None or step < at:
+            return
+        time.sleep(0.05)
 
 
 def _hold_lock(job_dir: Path) -> int:
@@ -93,11 +116,11 @@ def _hold_lock(job_dir: Path) -> int:
     fd = try_lock(jobs.lock_path(job_dir))
     if fd is None:
         raise SystemExit(f"Job {job_dir.name} already has a live worker.")
-    jobs.update_state(job_dir, state="running", pid=os.getpid(), started_at=time.time(), error=None)
+    jobs.update_state(job_dir, state=jobs.JobState.RUNNING, pid=os.getpid(), started_at=time.time(), error=None)
     return fd
 
 
-def _train(job_dir: Path) -> tuple[str, str | None]:
+def _train(job_dir: Path) -> tuple[jobs.JobState, str | None]:
     """Run the trainer; (final state, error message). Errors are one line, as the CLI prints them."""
     from adaprelora_diffusion.dreambooth import TrainingError, train
 
@@ -107,13 +130,13 @@ def _train(job_dir: Path) -> tuple[str, str | None]:
         result = train(config, progress=_LoggedEvents(job_dir / EVENTS_NAME), should_stop=stop)
     except (TrainingError, ValueError, OSError, RuntimeError) as err:
         logger.error("%s", traceback.format_exc())
-        return "failed", str(err)
+        return jobs.JobState.FAILED, str(err)
     except Exception as err:  # a library error none of the trainer's messages covers
         logger.error("%s", traceback.format_exc())
-        return "failed", f"{type(err).__name__}: {err}"
-    logger.info("%s: %d steps in %.0fs; LoRA: %s", "stopped" if result.stopped_early else "done", result.global_step,
-                result.seconds, result.lora_path)
-    return ("stopped" if result.stopped_early else "done"), None
+        return jobs.JobState.FAILED, f"{type(err).__name__}: {err}"
+    final = jobs.JobState.STOPPED if result.stopped_early else jobs.JobState.DONE
+    logger.info("%s: %d steps in %.0fs; LoRA: %s", final.value, result.global_step, result.seconds, result.lora_path)
+    return final, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.captureWarnings(True)
     lock_fd = _hold_lock(job_dir)
     logger.info("Worker pid %d for job %s", os.getpid(), job_dir.name)
+    EventLog(job_dir / EVENTS_NAME).write(ATTEMPT, pid=os.getpid())  # the status shows this attempt once it starts
     final, error = _train(job_dir)
     jobs.update_state(job_dir, state=final, error=error, finished_at=time.time())
     os.close(lock_fd)  # after the final state is on disk: a free lock with "running" means a dead worker
@@ -136,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             start_next(ws)  # the queue drains even while the app is down
     except Exception:
         logger.exception("Could not start the next queued job")
-    return 0 if final != "failed" else 1
+    return 0 if final != jobs.JobState.FAILED else 1
 
 
 if __name__ == "__main__":

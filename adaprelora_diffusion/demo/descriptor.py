@@ -1,6 +1,6 @@
 """What the embedded tiny pipelines tell the trainer about themselves (``adaprelora_model.json``).
 
-The trainer reads the descriptor of any model folder (``dreambooth.model_loading.model_descriptor``);
+The trainer reads the descriptor of any model folder (the format: ``engine/model_descriptor.py``);
 the demo's pipelines use it to ask for 64 px, the demo subject and settings that suit them, so
 the trainer needs no knowledge of the demo.
 """
@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..dreambooth.model_loading import MODEL_DESCRIPTOR
+from ..engine.model_descriptor import MODEL_DESCRIPTOR
 from ..engine.atomic import atomic_write_text
 
 __all__ = ["DEMO_SUBJECT_DIR", "DEMO_INSTANCE_PROMPT", "SMOKE_DEFAULTS", "DEMO_DEFAULTS", "ensure_descriptor", "write_descriptor"]

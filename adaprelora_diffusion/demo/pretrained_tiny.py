@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.atomic import staged_dir
+from ..engine.quiet_imports import quiet_image_processor_fallback
 from . import scenes
 from .descriptor import ensure_descriptor, write_descriptor
 from .tiny_pipeline import SD1_SCHEDULER_CONFIG, build_tiny_models, default_cache_dir, write_tokenizer_files
@@ -268,6 +269,7 @@ def pretrain_tiny_pipeline(
     or complete. An existing ``output_dir`` is an error unless ``overwrite``.
     ``progress(stage, step, steps, loss)`` is called every ``log_every`` steps.
     """
+    quiet_image_processor_fallback()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     for name, value in (("vae_steps", vae_steps), ("unet_steps", unet_steps)):

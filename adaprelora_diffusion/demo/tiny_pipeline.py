@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..engine.atomic import staged_dir
+from ..engine.quiet_imports import quiet_image_processor_fallback
 from .descriptor import ensure_descriptor, write_descriptor
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.PathLi
     ``tokenizer_dir`` is where the generated vocab.json/merges.txt are written (a temporary
     folder if omitted). The caller's global torch RNG state is left untouched.
     """
+    quiet_image_processor_fallback()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -189,6 +191,7 @@ def build_tiny_sdxl_pipeline(seed: int = DEFAULT_SEED, tokenizer_dir: str | os.P
     with a projection, giving the pooled embedding), a UNet with SDXL's text-time micro-conditioning
     and SDXL's block layout (a plain first down block, two layers per block), so SDXL code paths and
     file layouts are exercised in seconds. Same ``seed`` gives bit-identical weights."""
+    quiet_image_processor_fallback()
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 

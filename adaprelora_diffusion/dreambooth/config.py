@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..optim import DEFAULT_STATS, MOMENTUM_CHOICES, OPTIMIZERS, STATS_CHOICES
+from ..optim import OPTIMIZERS
+from ..optim.settings import ADAPRELORA_SETTINGS, dataclass_fields, lr_problem, normalized, settings_problems
 
-__all__ = ["TrainConfig", "build_parser", "parse_config", "LORA_TARGET_PRESETS", "REAL_DEFAULTS"]
+__all__ = ["TrainConfig", "build_parser", "parse_config", "command_line", "LORA_TARGET_PRESETS", "REAL_DEFAULTS"]
 
 #: --image_interpolation_mode names (PIL's resampling filters).
 INTERPOLATION_MODES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
@@ -32,7 +32,7 @@ LORA_TARGET_PRESETS = {
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 #: the defaults of a real run, for fields whose default depends on the model (a model folder's
-#: adaprelora_model.json can recommend others: see model_loading.model_descriptor).
+#: adaprelora_model.json can recommend others: see engine/model_descriptor.py).
 REAL_DEFAULTS = {
     "learning_rate": 1e-4,
     "lora_target_modules": "attention",
@@ -50,7 +50,25 @@ def _help(text: str, nargs: str | None = None, **kw):
     return field(metadata={"help": text, "nargs": nargs}, **kw)
 
 
+def _with_adaprelora_settings(after: str):
+    """Add AdaPreLoRA's settings (``optim.settings``, their one definition) as ``adaprelora_*`` fields
+    right after field ``after``, so ``--help`` lists them with the other optimizer flags."""
+    def add(cls):
+        generated = dataclass_fields(help_prefix="AdaPreLoRA: ")
+        annotations, ordered = cls.__dict__["__annotations__"], {}
+        for name, annotation in annotations.items():
+            ordered[name] = annotation
+            if name == after:
+                ordered.update({flag: kind for flag, kind, _ in generated})
+        cls.__annotations__ = ordered
+        for flag, _, spec in generated:
+            setattr(cls, flag, spec)
+        return cls
+    return add
+
+
 @dataclass
+@_with_adaprelora_settings(after="adam_epsilon")
 class TrainConfig:
     # model
     pretrained_model_name_or_path: str | None = _help(
@@ -92,19 +110,6 @@ class TrainConfig:
     adam_beta2: float = _help("Adam's second-moment decay (AdamW; AdaPreLoRA: of its AdamW group)", default=0.999)
     adam_weight_decay: float = _help("decoupled weight decay", default=1e-2)
     adam_epsilon: float = _help("AdamW epsilon (AdaPreLoRA: of its AdamW group)", default=1e-8)
-    adaprelora_beta1: float = _help("AdaPreLoRA momentum (0: the momentum-free rule, which keeps no momentum buffers)",
-                                    default=0.0)
-    adaprelora_beta2: float = _help("AdaPreLoRA statistics' EMA decay (when --adaprelora_beta2_decay is off)", default=0.999)
-    adaprelora_beta2_decay: float | None = _help("AdaPreLoRA statistics' decay schedule 1 - t^x, e.g. -0.8 as Adafactor "
-                                                 "(0: off, use --adaprelora_beta2)", default=None)
-    adaprelora_eps: float = _help("AdaPreLoRA: added to every entry of G^2 in its statistics", default=1e-30)
-    adaprelora_scale_parameter: bool = _help("AdaPreLoRA lr relative to each layer's weight RMS (Adafactor's relative step)",
-                                             default=False)
-    adaprelora_stats: str = _help(f"AdaPreLoRA statistics: {', '.join(STATS_CHOICES)}", default=DEFAULT_STATS)
-    adaprelora_damping: float = _help("AdaPreLoRA relative damping", default=0.1)
-    adaprelora_balance: float = _help("AdaPreLoRA balance c in [0, 1]", default=0.5)
-    adaprelora_clip_threshold: float | None = _help("AdaPreLoRA W-step RMS clip (<= 0: off)", default=1.0)
-    adaprelora_momentum: str = _help(f"AdaPreLoRA momentum placement: {', '.join(MOMENTUM_CHOICES)}", default=MOMENTUM_CHOICES[0])
     loraplus_lr_ratio: float = _help("LoRA+: B's lr / A's lr", default=16.0)
     scaled_adamw_reg: float = _help("scaled AdamW (Riemannian) damping", default=1e-2)
     lorapro_damping: float = _help("LoRA-Pro relative damping", default=0.1)
@@ -146,6 +151,8 @@ class TrainConfig:
     num_validation_images: int | None = _help("sample images per validation", default=None)
     validation_steps: int | None = _help("validate every N steps (0: only at start and end)", default=None)
     validation_epochs: int | None = _help("validate every N epochs instead of --validation_steps", default=None)
+    skip_initial_validation: bool = _help("no samples before the first step (the base model's, validation/step-000000): "
+                                          "one validation less, minutes on a CPU", default=False)
     validation_images: str | None = _help("input images for image-conditioned validation (upscalers, variations): "
                                           "not applicable to text-to-image SD/SDXL, refused", default=None, nargs="+")
     num_validation_inference_steps: int | None = _help("sampler steps for sample images", default=None)
@@ -184,7 +191,7 @@ class TrainConfig:
 
     def optimizer_settings(self) -> dict[str, Any]:
         """The settings `optim.optimizer_kwargs` maps to each optimizer's arguments."""
-        settings = {f.name: getattr(self, f.name) for f in fields(self)}
+        settings = normalized({f.name: getattr(self, f.name) for f in fields(self)})
         settings.update(betas=(self.adam_beta1, self.adam_beta2), weight_decay=self.adam_weight_decay)
         return settings
 
@@ -210,23 +217,15 @@ class TrainConfig:
         need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora_alpha must be > 0, got {self.lora_alpha}.")
         need(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         need(self.lora_target_modules is None or bool(self.unet_targets()), "--lora_target_modules is empty; use a preset such as 'attention'.")
-        need(self.learning_rate is None or (self.learning_rate > 0 and math.isfinite(self.learning_rate)),
-             f"--learning_rate must be > 0, got {self.learning_rate}.")
-        need(self.text_encoder_lr is None or self.text_encoder_lr > 0, f"--text_encoder_lr must be > 0, got {self.text_encoder_lr}.")
+        for flag in ("learning_rate", "text_encoder_lr"):
+            if getattr(self, flag) is not None and lr_problem(getattr(self, flag)):
+                problems.append(lr_problem(getattr(self, flag), f"--{flag}"))
         need(self.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {self.train_batch_size}.")
         need(self.gradient_accumulation_steps >= 1, f"--gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
         need(self.max_train_steps is None or self.max_train_steps >= 1, f"--max_train_steps must be >= 1, got {self.max_train_steps}.")
         need(self.mixed_precision in ("no", "fp16", "bf16"), f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
         need(self.report_to in ("tensorboard", "none"), f"--report_to must be tensorboard or none, got {self.report_to!r}.")
-        need(self.adaprelora_stats in STATS_CHOICES, f"--adaprelora_stats must be one of {', '.join(STATS_CHOICES)}, got {self.adaprelora_stats!r}.")
-        need(self.adaprelora_momentum in MOMENTUM_CHOICES,
-             f"--adaprelora_momentum must be one of {', '.join(MOMENTUM_CHOICES)}, got {self.adaprelora_momentum!r}.")
-        for flag in ("adaprelora_beta1", "adaprelora_beta2"):
-            need(0.0 <= getattr(self, flag) < 1.0, f"--{flag} must be in [0, 1), got {getattr(self, flag)}.")
-        decay = self.adaprelora_beta2_decay
-        need(decay is None or -1.0 <= decay < 0.0,
-             f"--adaprelora_beta2_decay must be in [-1, 0) (Adafactor's -0.8), or 0 for a fixed --adaprelora_beta2, got {decay}.")
-        need(0.0 < self.adaprelora_eps < float("inf"), f"--adaprelora_eps must be a number > 0, got {self.adaprelora_eps}.")
+        problems += settings_problems({f.name: getattr(self, f.name) for f in fields(self)})
         need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"--checkpointing_steps must be >= 1, got {self.checkpointing_steps}.")
         need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
              f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}.")
@@ -268,10 +267,6 @@ class TrainConfig:
             raise ValueError("Invalid training settings:\n  - " + "\n  - ".join(problems))
 
 
-def _bool(text: str) -> bool:
-    return text.lower() in ("1", "true", "yes", "on")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="DreamBooth LoRA for Stable Diffusion, optimized by AdaPreLoRA. With no arguments: a demo run "
@@ -294,10 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
-    values = vars(args)
-    for name in ("adaprelora_clip_threshold", "max_grad_norm"):
-        if values[name] is not None and values[name] <= 0:
-            values[name] = None
-    if values["adaprelora_beta2_decay"] == 0:
-        values["adaprelora_beta2_decay"] = None
+    values = normalized(vars(args))  # AdaPreLoRA's "off" spellings (--adaprelora_clip_threshold 0) -> None
+    if values["max_grad_norm"] is not None and values["max_grad_norm"] <= 0:
+        values["max_grad_norm"] = None
     return TrainConfig(**values)
+
+
+#: flags whose "off" (None) is spelled as 0 on the command line (parse_config turns <= 0 into None)
+_OFF_AS_ZERO = ("max_grad_norm", *(s.flag for s in ADAPRELORA_SETTINGS if s.off is not None))
+
+
+def command_line(config: TrainConfig | Mapping[str, Any]) -> list[str]:
+    """The flags that make ``parse_config`` build this config again: every value that differs from
+    the default (the web app shows each job's command this way, to repeat it on another machine)."""
+    values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config)
+    args: list[str] = []
+    for f in fields(TrainConfig):
+        value = values.get(f.name, f.default)
+        if value == f.default:
+            continue
+        if value is None:
+            if f.name in _OFF_AS_ZERO:
+                args += [f"--{f.name}", "0"]
+            continue
+        if isinstance(value, bool):
+            args += [f"--{f.name}"] if value else []
+        elif isinstance(value, (list, tuple)):
+            args += [f"--{f.name}", *map(str, value)]
+        else:
+            args += [f"--{f.name}", repr(value) if isinstance(value, float) else str(value)]
+    return args

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from peft import LoraConfig
@@ -10,7 +11,12 @@ from torch import nn
 
 from .config import TEXT_ENCODER_TARGETS, TrainConfig
 
-__all__ = ["attach_lora", "add_text_encoder_lora", "trainable_parameters"]
+__all__ = ["attach_lora", "add_text_encoder_lora", "trainable_parameters", "trained_params_by_name", "adapters_disabled",
+           "LORA_ROLES"]
+
+#: the modules that can carry LoRA, by their role (SDComponents' attribute names); checkpoints name
+#: each trained tensor "<role>.<parameter name>"
+LORA_ROLES = ("unet", "text_encoder", "text_encoder_2")
 
 
 def add_text_encoder_lora(text_encoder: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
@@ -70,3 +76,27 @@ def attach_lora(unet: nn.Module, text_encoders: nn.Module | list[nn.Module] | No
 
 def trainable_parameters(*models: nn.Module | None) -> list[torch.nn.Parameter]:
     return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
+
+
+def trained_params_by_name(modules: Mapping[str, nn.Module | None]) -> dict[str, torch.Tensor]:
+    """The trainable tensors of ``{role: module}`` under the names checkpoints store them by."""
+    return {f"{role}.{name}": p for role in LORA_ROLES if modules.get(role) is not None
+            for name, p in modules[role].named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def adapters_disabled(*models: nn.Module | None) -> Iterator[None]:
+    """The base models without their LoRA inside the block (class images, the app's base samples).
+
+    Switched through peft's own layers, so it works whichever library attached the adapter
+    (diffusers for the UNet, peft for the text encoders)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [layer for m in models if m is not None for layer in m.modules() if isinstance(layer, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

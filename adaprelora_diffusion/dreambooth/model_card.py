@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..engine.atomic import atomic_write_text
 from .lora_files import LORA_WEIGHT_NAME
-from .model_loading import _HUB_ID, SINGLE_FILE_SUFFIXES, default_model, model_descriptor
+from ..engine.model_descriptor import model_descriptor
+from .model_loading import _HUB_ID, SINGLE_FILE_SUFFIXES, default_model
 
 CARD_NAME = "README.md"
 LICENSE = "creativeml-openrail-m"
@@ -144,6 +145,24 @@ def _usage_snippet(base_model, kind: str, lora_folder: str, prompt: str, sdxl: b
     )
 
 
+#: what each LoRA file is for, as measured with AUTOMATIC1111's and ComfyUI's own loader code (issue 21)
+DIFFUSERS_FILE_USE = ("diffusers (`load_lora_weights`) and peft. Not for AUTOMATIC1111 (none of its keys match there) "
+                      "nor ComfyUI (it loses every UNet attention projection there: their alpha is only in the file's "
+                      "metadata, which ComfyUI ignores)")
+KOHYA_FILE_USE = "AUTOMATIC1111, ComfyUI and kohya's scripts (every key applies, with its alpha); diffusers reads it too"
+
+
+def which_file_section(kohya_link: str | None) -> str:
+    """The card's "Which file for which tool" table (the app's download zip carries the card as its README)."""
+    rows = [f"| {_code(LORA_WEIGHT_NAME)} | {DIFFUSERS_FILE_USE} |"]
+    if kohya_link is not None:
+        rows.append(f"| {_code(kohya_link)} | {KOHYA_FILE_USE} |")
+    else:
+        rows.append("| (no kohya file) | for AUTOMATIC1111 and ComfyUI, train with `--output_kohya_format`, "
+                    "which writes one |")
+    return "## Which file for which tool\n\n| file | use it with |\n|---|---|\n" + "\n".join(rows)
+
+
 def _body(*, base_model, kind, lora_folder, instance_prompt, validation_prompt, optimizer, settings, sdxl=False,
           image_links, train_text_encoder, kohya_link) -> str:
     parts = ["# DreamBooth LoRA for Stable Diffusion"]
@@ -165,6 +184,7 @@ def _body(*, base_model, kind, lora_folder, instance_prompt, validation_prompt, 
             f"layout, which AUTOMATIC1111, ComfyUI and kohya's scripts read. diffusers loads it too: "
             f"{_code(f'pipe.load_lora_weights({_py(lora_folder)}, weight_name={_py(kohya_link)})')}."
         )
+    parts.append(which_file_section(kohya_link))
     if settings:
         parts.append("## Training settings\n\n" + settings_table(settings))
     if image_links:

@@ -10,7 +10,6 @@ a message that names the path and what was expected, instead of a deep library t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,6 +17,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..engine.model_descriptor import model_descriptor
+from ..engine.quiet_imports import quiet_image_processor_fallback
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +33,6 @@ REQUIRED_COMPONENTS = {
     "scheduler": "scheduler_config.json",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-#: A pipeline folder may carry this file (see model_descriptor); the embedded demo models do.
-MODEL_DESCRIPTOR = "adaprelora_model.json"
 _PIPELINE_LAYOUT = "model_index.json plus unet/, vae/, text_encoder/, tokenizer/ and scheduler/ sub-folders"
 
 
@@ -68,22 +68,6 @@ def default_model() -> str:
     from ..demo.pretrained_tiny import default_pretrained_pipeline
 
     return str(default_pretrained_pipeline())
-
-
-def model_descriptor(source: str | os.PathLike) -> dict[str, Any]:
-    """The folder's ``adaprelora_model.json`` (empty for other models): what the model is for
-    (``kind``, ``description``, ``notice``) and the training defaults its maker recommends
-    (``training_defaults``: TrainConfig fields; a relative ``instance_data_dir`` is relative to the folder)."""
-    path = Path(source) / MODEL_DESCRIPTOR
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): fix or delete it.") from exc
-    if not isinstance(info, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(info).__name__}.")
-    return info
 
 
 #: Where an SDXL model's defaults differ from SD 1.x/2.x's (config.REAL_DEFAULTS): its native size.
@@ -291,43 +275,11 @@ def _load_weights(component: str, source: str, cls, **kwargs):
     return model
 
 
-#: transformers' notice when diffusers' pipeline modules import ``CLIPImageProcessor`` /
-#: ``SiglipImageProcessor`` without torchvision installed (transformers/utils/import_utils.py). The
-#: trainer never uses an image processor (no safety checker, no IP-Adapter), so it is noise to users.
-_TORCHVISION_FALLBACK_NOTICE = re.compile(
-    r"^`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+ImageProcessorPil`"
-)
-_TRANSFORMERS_IMPORT_LOGGER = "transformers.utils.import_utils"
-
-
-class _DropTorchvisionFallbackNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _TORCHVISION_FALLBACK_NOTICE.match(record.getMessage())
-
-
-@contextlib.contextmanager
-def no_image_processor_fallback_notice():
-    """Drop transformers' "``<X>ImageProcessor`` requires torchvision" fallback notice inside this block.
-
-    Importing diffusers' ``StableDiffusionPipeline`` imports ``CLIPImageProcessor`` (the safety
-    checker's feature extractor) and ``SiglipImageProcessor`` (IP-Adapter), which logs that notice
-    once each when torchvision is absent; nothing here uses either. Only that message, only from
-    transformers' import machinery's logger, only while the block runs.
-    """
-    import_logger = logging.getLogger(_TRANSFORMERS_IMPORT_LOGGER)
-    notice_filter = _DropTorchvisionFallbackNotice()
-    import_logger.addFilter(notice_filter)
-    try:
-        yield
-    finally:
-        import_logger.removeFilter(notice_filter)
-
-
 def stable_diffusion_pipeline_class(sdxl: bool = False):
     """diffusers' ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` with ``sdxl``), imported
-    without the torchvision fallback notices."""
-    with no_image_processor_fallback_notice():
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    without transformers' torchvision fallback notices (``engine.quiet_imports``)."""
+    quiet_image_processor_fallback()
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
 
 

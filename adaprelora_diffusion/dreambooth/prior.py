@@ -25,7 +25,7 @@ from PIL import UnidentifiedImageError
 
 from .data import CAPTION_EXTENSION, _probe, check_resolution
 from ..engine.atomic import atomic_write
-from .model_loading import no_image_processor_fallback_notice
+from ..engine.quiet_imports import no_image_processor_fallback_notice
 
 logger = logging.getLogger(__name__)
 

@@ -42,12 +42,13 @@ from ..engine.nonfinite import NonFiniteGuard
 from ..engine.progress import ProgressEvent
 from ..engine.randomness import mix
 from ..optim import make_optimizer, optimizer_kwargs
+from ..optim.settings import normalized, setting_flags
 from .config import TrainConfig
 from .data import DreamBoothDataset, EpochShuffleSampler, collate_fn, scan_image_folder
 from .diffusion_loss import encode_prompts, micro_batch_loss
 from .latent_cache import LatentCache, collate_latents
 from .lora_files import LORA_WEIGHT_NAME, save_kohya_lora, save_lora_weights
-from .lora_setup import attach_lora, trainable_parameters
+from .lora_setup import LORA_ROLES, adapters_disabled, attach_lora, trainable_parameters, trained_params_by_name
 from .model_loading import SDComponents, load_pipeline_components, model_defaults, resolve_model_source, source_is_sdxl
 
 logger = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ def _ensure_class_images(run: Run) -> str:
     precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.prior_generation_precision or "")
     autocast = torch.autocast(run.device.type, dtype=precision) if precision is not None else contextlib.nullcontext()
     if run.is_main:
-        with _adapters_disabled(m.unet, *m.text_encoders), autocast:
+        with adapters_disabled(m.unet, *m.text_encoders), autocast:
             ensure_class_images(config.class_data_dir, config.class_prompt, config.num_class_images,
                                 pipeline_factory=base_pipeline, seed=config.seed, resolution=config.resolution,
                                 batch_size=config.sample_batch_size)
@@ -352,8 +353,8 @@ def _build_optimizer(run: Run) -> None:
     optimizer, run.dataloader, lr_scheduler = prepared[len(roles):]
     run.trained = [getattr(m, r) for r in roles]
     run.optimizer, run.lr_scheduler = optimizer, lr_scheduler
-    run.params = {f"{tag}.{n}": p for tag in ("unet", "text_encoder", "text_encoder_2") if getattr(m, tag) is not None
-                  for n, p in accelerator.unwrap_model(getattr(m, tag)).named_parameters() if p.requires_grad}
+    run.params = trained_params_by_name({role: accelerator.unwrap_model(getattr(m, role)) for role in LORA_ROLES
+                                         if getattr(m, role) is not None})
 
 
 #: Settings a resumed run must share with its checkpoint: changing them makes a different run.
@@ -365,9 +366,8 @@ FIXED_ON_RESUME = ("pretrained_model_name_or_path", "revision", "variant", "inst
                    "center_crop", "random_flip", "repeats", "rank", "lora_alpha", "lora_dropout", "lora_target_modules",
                    "use_rslora", "train_text_encoder", "optimizer", "train_batch_size", "gradient_accumulation_steps",
                    "cache_latents", "seed", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-                   "adaprelora_beta1", "adaprelora_beta2", "adaprelora_beta2_decay", "adaprelora_eps", "adaprelora_scale_parameter",
-                   "adaprelora_stats", "adaprelora_damping", "adaprelora_balance", "adaprelora_clip_threshold",
-                   "adaprelora_momentum", "loraplus_lr_ratio", "scaled_adamw_reg", "lorapro_damping")
+                   "loraplus_lr_ratio", "scaled_adamw_reg", "lorapro_damping",
+                   *setting_flags(lambda setting: setting.fixed_on_resume))
 _NOT_SETTINGS = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_dir", "debug")
 
 
@@ -413,7 +413,8 @@ def _train_steps(run: Run) -> None:
     run.emit(ProgressEvent("start", state.global_step, config.max_train_steps,
                            message=f"{len(run.dataset)} examples, {steps_per_epoch} steps/epoch"))
     if state.global_step == 0:
-        _validate(run, 0)
+        if not config.skip_initial_validation:
+            _validate(run, 0)
         _observe(run, 0)
     run.guard = guard = NonFiniteGuard(
         config.max_consecutive_nonfinite,
@@ -654,8 +655,7 @@ def _write_card(run: Run, kohya_path: Path | None) -> None:
                                                  "gradient_accumulation_steps", "resolution", "mixed_precision", "seed",
                                                  "lr_scheduler", "with_prior_preservation")}
     if config.optimizer == "adaprelora":
-        settings.update({k: getattr(config, k) for k in ("adaprelora_stats", "adaprelora_damping", "adaprelora_balance",
-                                                         "adaprelora_clip_threshold")})
+        settings.update(normalized({flag: getattr(config, flag) for flag in setting_flags()}))
     settings["steps_trained"] = run.state.global_step
     # step 0's images show the base model, not the LoRA: never present them as its samples
     samples = [p for p in run.validation_paths if p.suffix == ".png" and p.parent.name != "step-000000"][-4:]
@@ -663,21 +663,3 @@ def _write_card(run: Run, kohya_path: Path | None) -> None:
                      validation_prompt=config.validation_prompt or config.instance_prompt, optimizer=config.optimizer,
                      settings=settings, sample_images=samples, train_text_encoder=config.train_text_encoder,
                      kohya_file=kohya_path, sdxl=run.models.is_sdxl)
-
-
-class _adapters_disabled:
-    """Context: the base model without LoRA (for class images), switched through peft's own layers
-    so it works whichever library attached the adapter (diffusers, or peft for the text encoder)."""
-
-    def __init__(self, *models):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.layers = [layer for m in models if m is not None for layer in m.modules() if isinstance(layer, BaseTunerLayer)]
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.enable_adapters(False)
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.enable_adapters(True)

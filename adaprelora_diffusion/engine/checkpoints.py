@@ -28,11 +28,12 @@ from .atomic import staged_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoopState", "save_checkpoint", "load_checkpoint", "list_checkpoints", "resolve_checkpoint", "verify_checkpoint",
+__all__ = ["LoopState", "save_checkpoint", "load_checkpoint", "load_params", "list_checkpoints", "resolve_checkpoint", "verify_checkpoint",
            "read_run_config", "remove_stale_temporaries", "CheckpointError"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _STATE_FILE = "training_state.json"  # the loop's position
+_PARAMS_FILE = "lora_params.safetensors"  # the trained tensors, by name
 MANIFEST = "manifest.json"  # sha256 and size of every other file, written last: it marks a complete checkpoint
 RUN_CONFIG = "run_config.json"  # the settings the run had when it wrote the checkpoint
 
@@ -66,7 +67,7 @@ def save_checkpoint(output_dir: Path, state: LoopState, *, params: dict[str, tor
     final = output_dir / f"checkpoint-{state.global_step}"
     try:
         with staged_dir(final) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "lora_params.safetensors"))
+            save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / _PARAMS_FILE))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:
@@ -166,10 +167,10 @@ def remove_stale_temporaries(output_dir: Path) -> list[str]:
     return removed
 
 
-def load_checkpoint(path: Path, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None) -> LoopState:
-    """Restore a (verified) checkpoint into live objects; returns where the loop stood."""
+def load_params(path: Path, params: dict[str, torch.Tensor]) -> None:
+    """Copy a (verified) checkpoint's trained tensors into ``params`` (by name); the names must match exactly."""
     path = Path(path)
-    saved = load_file(str(path / "lora_params.safetensors"))
+    saved = load_file(str(path / _PARAMS_FILE))
     missing, unexpected = set(params) - set(saved), set(saved) - set(params)
     if missing or unexpected:
         raise CheckpointError(
@@ -179,6 +180,12 @@ def load_checkpoint(path: Path, *, params: dict[str, torch.Tensor], optimizer, l
     with torch.no_grad():
         for name, tensor in params.items():
             tensor.copy_(saved[name])
+
+
+def load_checkpoint(path: Path, *, params: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler=None) -> LoopState:
+    """Restore a (verified) checkpoint into live objects; returns where the loop stood."""
+    path = Path(path)
+    load_params(path, params)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu"))
     lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if scaler is not None and (path / "scaler.pt").is_file():

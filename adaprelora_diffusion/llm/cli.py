@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 from ..engine.atomic import atomic_write_text
 from ..engine.errors import TrainingError
 from ..engine.lock import OutputLock
+from ..optim.settings import lr_problem
 from .data import SFT_FORMATS, DataError, MissingSplit, label_names, load_training_data
 from .model_card import render_model_card
 from .settings import AdaPreLoRASettings
@@ -74,7 +74,7 @@ def check_flags(command: str, data, args, model) -> None:
     need(not (model.use_dora and data.optimizer in PAIR_OPTIMIZERS),
          f"--use_dora with --optimizer {data.optimizer}: DoRA changes the layer's forward map, which the closed-form "
          "step does not cover, so every factor would train with AdamW. Use --optimizer adamw for DoRA.")
-    need(args.learning_rate > 0 and math.isfinite(args.learning_rate), f"--learning_rate must be > 0, got {args.learning_rate}.")
+    need(not lr_problem(args.learning_rate), lr_problem(args.learning_rate, "--learning_rate"))
     need(args.max_length is None or args.max_length >= 1, f"--max_length must be >= 1, got {args.max_length}.")
     need(args.eval_steps is None or data.eval_dataset_path is not None or data.dataset_name is not None,
          "--eval_steps needs held-out data: add --eval_dataset_path.")

@@ -2,66 +2,47 @@
 
 `AdaPreLoRASettings` holds what `TrainingArguments` has no field for (statistics, damping,
 balance, ...); lr, betas, eps, weight decay and seed come from the `TrainingArguments` as they do
-for AdamW. The command line gets the same settings as ``--adaprelora_*`` flags from
-`AdaPreLoRAArguments`, a dataclass derived from this one, so there is one list of settings.
+for AdamW. Both it and `AdaPreLoRAArguments` (the ``--adaprelora_*`` flags) are generated from the
+settings' one definition, ``optim.settings.ADAPRELORA_SETTINGS``: names, types, defaults, help
+text, choices and checks are never written here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..optim import DEFAULT_STATS, MOMENTUM_CHOICES, OPTIMIZERS, STATS_CHOICES, optimizer_kwargs
+from ..optim import OPTIMIZERS, optimizer_kwargs
+from ..optim.settings import ADAPRELORA_SETTINGS, PREFIX, dataclass_fields, normalized, settings_problems
 
 __all__ = ["AdaPreLoRASettings", "AdaPreLoRAArguments", "optimizer_settings", "PREFIX"]
 
-PREFIX = "adaprelora_"
+
+def _check_and_normalize(self) -> None:
+    """The "off" spellings become None (``clip_threshold <= 0``, ``beta2_decay == 0``, as on the flags);
+    a value the optimizer would refuse is a ValueError naming the setting and what it must be."""
+    for name, value in normalized(dataclasses.asdict(self), prefix="").items():
+        setattr(self, name, value)
+    problems = settings_problems(dataclasses.asdict(self), prefix="", label=lambda name: f"adaprelora {name}")
+    if problems:
+        raise ValueError(" ".join(problems))
 
 
-@dataclass
-class AdaPreLoRASettings:
-    """AdaPreLoRA's settings beyond Adam's (see `AdaPreLoRA` for their evidence)."""
-
-    beta1: float = field(default=0.0, metadata={
-        "help": "momentum (0: the momentum-free rule, which keeps no momentum buffers)"})
-    beta2: float = field(default=0.999, metadata={"help": "statistics' EMA decay (when beta2_decay is off)"})
-    beta2_decay: float | None = field(default=None, metadata={
-        "help": "statistics' decay schedule 1 - t^x, e.g. -0.8 as Adafactor (0: off, use beta2)"})
-    eps: float = field(default=1e-30, metadata={"help": "added to every entry of G^2 in the statistics"})
-    scale_parameter: bool = field(default=False, metadata={
-        "help": "lr relative to each layer's weight RMS (Adafactor's relative step)"})
-    stats: str = field(default=DEFAULT_STATS, metadata={
-        "help": f"where Adafactor's row/column statistics come from: {', '.join(STATS_CHOICES)}", "choices": list(STATS_CHOICES)})
-    damping: float = field(default=0.1, metadata={"help": "relative damping of the r x r solves"})
-    balance: float = field(default=0.5, metadata={"help": "share c in [0, 1] of the common step given to A"})
-    clip_threshold: float | None = field(default=1.0, metadata={"help": "clip the RMS of the W-step to this (<= 0: off)"})
-    momentum: str = field(default=MOMENTUM_CHOICES[0], metadata={
-        "help": f"where the first moment sits: {', '.join(MOMENTUM_CHOICES)}", "choices": list(MOMENTUM_CHOICES)})
-
-    def __post_init__(self):
-        if self.clip_threshold is not None and self.clip_threshold <= 0:
-            self.clip_threshold = None  # the flag's "off", as in the DreamBooth trainer
-        if self.beta2_decay == 0:
-            self.beta2_decay = None
-        if self.stats not in STATS_CHOICES:
-            raise ValueError(f"adaprelora stats must be one of {', '.join(STATS_CHOICES)}, got {self.stats!r}.")
-        if self.momentum not in MOMENTUM_CHOICES:
-            raise ValueError(f"adaprelora momentum must be one of {', '.join(MOMENTUM_CHOICES)}, got {self.momentum!r}.")
+AdaPreLoRASettings = dataclasses.make_dataclass(
+    "AdaPreLoRASettings", dataclass_fields(prefix=""),
+    namespace={"__module__": __name__, "__post_init__": _check_and_normalize,
+               "__doc__": "AdaPreLoRA's settings beyond Adam's (see `AdaPreLoRA` and `optim.settings` for each):\n"
+                          + "\n".join(f"``{s.name}`` ({s.default!r}): {s.help}." for s in ADAPRELORA_SETTINGS)})
 
 
-def _prefixed(cls: type) -> type:
-    """The same fields with ``adaprelora_`` in front: the flags, and the keys of `OPTIMIZER_SETTINGS`."""
-    specs = [(PREFIX + f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in fields(cls)]
-
-    def settings(self) -> AdaPreLoRASettings:
-        return cls(**{f.name: getattr(self, PREFIX + f.name) for f in fields(cls)})
-
-    return dataclasses.make_dataclass("AdaPreLoRAArguments", specs, namespace={
-        "settings": settings, "__doc__": "The ``--adaprelora_*`` flags: `AdaPreLoRASettings` as command-line fields."})
+def _settings_of(self) -> AdaPreLoRASettings:
+    return AdaPreLoRASettings(**{s.name: getattr(self, s.flag) for s in ADAPRELORA_SETTINGS})
 
 
-AdaPreLoRAArguments = _prefixed(AdaPreLoRASettings)
+AdaPreLoRAArguments = dataclasses.make_dataclass(
+    "AdaPreLoRAArguments", dataclass_fields(help_prefix="AdaPreLoRA: "),
+    namespace={"__module__": __name__, "settings": _settings_of,
+               "__doc__": "The ``--adaprelora_*`` flags: `AdaPreLoRASettings` as command-line fields."})
 
 
 def optimizer_settings(args, optimizer: str, adaprelora: AdaPreLoRASettings | None = None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from .adaprelora import DEFAULT_STATS, MOMENTUM_CHOICES, STATS_CHOICES, AdaPreLo
 from .factory import OPTIMIZER_SETTINGS, OPTIMIZERS, make_optimizer, optimizer_kwargs
 from .lorapro import LoRAPro
 from .pairs import LoraPair, find_lora_pairs
+from .settings import ADAPRELORA_SETTINGS, Setting
 
-__all__ = ["AdaPreLoRA", "DEFAULT_STATS", "LoRAPro", "LoraPair", "MOMENTUM_CHOICES", "OPTIMIZERS", "OPTIMIZER_SETTINGS",
-           "STATS_CHOICES", "find_lora_pairs", "make_optimizer", "optimizer_kwargs"]
+__all__ = ["ADAPRELORA_SETTINGS", "AdaPreLoRA", "DEFAULT_STATS", "LoRAPro", "LoraPair", "MOMENTUM_CHOICES", "OPTIMIZERS", "OPTIMIZER_SETTINGS",
+           "STATS_CHOICES", "Setting", "find_lora_pairs", "make_optimizer", "optimizer_kwargs"]

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .adaprelora import AdaPreLoRA
 from .lorapro import LoRAPro
+from .settings import keyword_table, lr_problem
 
 __all__ = ["OPTIMIZERS", "OPTIMIZER_SETTINGS", "make_optimizer", "optimizer_kwargs"]
 
@@ -125,8 +126,8 @@ def make_optimizer(name: str, model: ModelSpec, lr: float, **kwargs) -> Optimize
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}.")
-    if not (isinstance(lr, (int, float)) and lr >= 0):
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}.")
+    if lr_problem(lr):
+        raise ValueError(lr_problem(lr))
     try:
         return OPTIMIZERS[name](model, lr, **kwargs)
     except TypeError as err:
@@ -138,14 +139,12 @@ def make_optimizer(name: str, model: ModelSpec, lr: float, **kwargs) -> Optimize
 #: Which trainer settings each optimizer takes, and under which keyword. The settings are the
 #: trainers' flag names (``betas`` from ``--adam_beta1/2``); one table for every trainer, so the
 #: DreamBooth CLI, the web app and the LLM tool map flags to optimizers the same way. A tuple of
-#: settings becomes one tuple-valued keyword (AdaPreLoRA's ``betas`` from its two flags).
+#: settings becomes one tuple-valued keyword (AdaPreLoRA's ``betas`` from its two flags). AdaPreLoRA's
+#: own ``adaprelora_*`` settings come from their one definition, ``settings.ADAPRELORA_SETTINGS``.
 _ADAM = {"betas": "betas", "weight_decay": "weight_decay", "adam_epsilon": "eps"}
 OPTIMIZER_SETTINGS: dict[str, dict[str | tuple[str, ...], str]] = {
     "adaprelora": {"betas": "adamw_betas", "weight_decay": "weight_decay", "adam_epsilon": "adamw_eps", "seed": "seed",
-                   ("adaprelora_beta1", "adaprelora_beta2"): "betas", "adaprelora_beta2_decay": "beta2_decay", "adaprelora_eps": "eps",
-                   "adaprelora_scale_parameter": "scale_parameter", "adaprelora_stats": "stats",
-                   "adaprelora_damping": "damping", "adaprelora_balance": "balance",
-                   "adaprelora_clip_threshold": "clip_threshold", "adaprelora_momentum": "momentum"},
+                   **keyword_table()},
     "adamw": _ADAM,
     "loraplus": {**_ADAM, "loraplus_lr_ratio": "loraplus_lr_ratio"},
     "scaled_adamw": {**_ADAM, "scaled_adamw_reg": "reg"},

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from adaprelora_diffusion.engine.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SUBJECT = ROOT / "adaprelora_diffusion" / "demo" / "assets" / "demo_subject"
 
 gradio_client = pytest.importorskip("gradio_client", reason="the web app's tests need the [app] and [test] extras")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_env(**extra: str) -> dict[str, str]:
@@ -116,11 +111,45 @@ def launch(tmp_path, tiny_model_dir):
         kill_workers(workspace)
 
 
+class Hold:
+    """The workers' test hook (app.worker.HOLD_ENV): ``hold.at(3)`` makes every job wait after step 3,
+    ``hold.at(11, job_id)`` only that job (``None``: not at all), ``hold.release()`` lets all go on. Tests
+    hold a job at a known step instead of racing it, so they do not depend on the machine's speed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def at(self, step: int | None, job_id: str = "*") -> None:
+        holds = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.path.write_text(json.dumps({**holds, job_id: step}))
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        from app.worker import HOLD_ENV
+
+        return app_env(**{HOLD_ENV: str(self.path)}, **extra)
+
+
+@pytest.fixture
+def hold(tmp_path):
+    h = Hold(tmp_path / "hold.json")
+    yield h
+    h.release()
+
+
 @pytest.fixture(scope="session")
-def shared_app(tmp_path_factory, tiny_model_dir):
+def shared_hold(tmp_path_factory) -> Hold:
+    return Hold(tmp_path_factory.mktemp("hold") / "hold.json")
+
+
+@pytest.fixture(scope="session")
+def shared_app(tmp_path_factory, tiny_model_dir, shared_hold):
     """One app for the tests that need no login and no restart (jobs queue one after another)."""
     root = tmp_path_factory.mktemp("shared")
-    app = RunningApp(root / "workspace", tiny_model_dir, "--max-file-mb", "2", "--max-upload-mb", "5").start()
+    app = RunningApp(root / "workspace", tiny_model_dir, "--max-file-mb", "2", "--max-upload-mb", "5",
+                     env=shared_hold.env()).start()
     yield app
     app.kill()
     kill_workers(app.workspace)

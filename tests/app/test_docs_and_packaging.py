@@ -34,4 +34,29 @@ def test_the_package_ships_the_app_and_the_adaprelora_app_command():
     include = project["tool"]["setuptools"]["packages"]["find"]["include"]
     assert "app" in find_packages(str(ROOT), include=include)
     assert project["project"]["scripts"]["adaprelora-app"] == "app.cli:main"
-    assert any(r.startswith("gradio>=6.29") for r in project["project"]["optional-dependencies"]["app"])
+    app_extra = project["project"]["optional-dependencies"]["app"]
+    assert any(r.startswith("gradio>=6.29") for r in app_extra)
+    declared = {_name(r) for r in app_extra + project["project"]["dependencies"]}
+    missing = {m for m in _third_party_imports(ROOT / "app") if _DISTRIBUTION.get(m, m).lower() not in declared}
+    assert not missing, f"app/ imports {sorted(missing)}, which pyproject.toml does not declare"
+
+
+_DISTRIBUTION = {"PIL": "pillow", "gradio_client": "gradio"}  # module -> the distribution that provides it
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!\[; ]", requirement, maxsplit=1)[0].lower()
+
+
+def _third_party_imports(folder: Path) -> set[str]:
+    import ast
+    import sys
+
+    found = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                found.add(node.module.split(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names and m not in ("app", "adaprelora_diffusion")}

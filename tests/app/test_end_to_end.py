@@ -50,6 +50,8 @@ def test_upload_train_sample_download_and_the_lora_works_in_diffusers(shared_app
 
     unpacked = tmp_path / "unpacked"
     zipfile.ZipFile(archive).extractall(unpacked)
+    which = (unpacked / "README.md").read_text().split("## Which file for which tool")[1]  # the zip says which tool reads which
+    assert "`pytorch_lora_weights_kohya.safetensors` | AUTOMATIC1111, ComfyUI" in which
     _assert_lora_changes_a_diffusers_pipeline(tiny_model_dir / "tiny-sd", unpacked)
 
 

@@ -58,11 +58,15 @@ def test_bad_files_are_refused_by_what_they_are(shared_app, tiny_model_dir, outs
 def test_oversized_uploads_are_refused(shared_app, tiny_model_dir, tmp_path, outside):
     client = shared_app.client()
     rng = np.random.default_rng(0)
-    big = tmp_path / "big.png"  # ~3 MB of noise: over the app's --max-file-mb 2
+    big = tmp_path / "big.png"  # 3.2 MB of noise: over the app's --max-file-mb 2, under its 5 MB set limit
     Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(big)
-    _refused(client, [big], tiny_settings(tiny_model_dir), r"exceeds the maximum file size of 2097152 bytes")
+    # the upload reaches the app (one oversized photo must not sink the others on the page), which names it
+    _refused(client, [*demo_images(), big], tiny_settings(tiny_model_dir), r"big.png: 3.2 MB is over the 2 MB limit per file")
+    huge = tmp_path / "huge.png"  # ~6 MB: over the whole set's limit, which Gradio enforces at upload
+    Image.fromarray(rng.integers(0, 255, (1450, 1450, 3), dtype=np.uint8)).save(huge)
+    _refused(client, [huge], tiny_settings(tiny_model_dir), r"exceeds the maximum file size of 5242880 bytes")
     with httpx.Client(base_url=shared_app.url) as http:  # and the server itself, for clients that do not check first
-        response = http.post("gradio_api/upload", files={"files": ("big.png", big.read_bytes(), "image/png")})
+        response = http.post("gradio_api/upload", files={"files": ("huge.png", huge.read_bytes(), "image/png")})
     assert response.status_code == 413 and "maximum" in response.text.lower(), (response.status_code, response.text[:200])
     parts = []  # each under 2 MB, together over the 5 MB set limit
     for i in range(4):

@@ -71,7 +71,7 @@ def test_progress_summary_and_loss_curve_come_from_the_event_file(tmp_path, monk
     with open(tmp_path / "events.jsonl", "a") as fh:
         fh.write('{"kind": "step", "step": 6, "los')  # a line being written
     summary = progress_summary(tmp_path / "events.jsonl")
-    assert summary == {"step": 5, "max_steps": 10, "loss": 0.5, "eta_seconds": 5.0}
+    assert summary == {"step": 5, "max_steps": 10, "loss": 0.5, "eta_seconds": 5.0, "attempt_pid": None, "started": True}
     assert loss_series(tmp_path / "events.jsonl") == [(1, 1.0), (2, 0.5), (3, 0.30000000000000004), (4, 0.4), (5, 0.5)]
     assert progress_summary(tmp_path / "missing.jsonl")["step"] == 0
 
@@ -97,3 +97,41 @@ def test_auth_comes_from_flags_and_the_environment():
         parse_auth(["nopassword"], None)
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.share, args.workspace) == ("127.0.0.1", 7860, False, "./adaprelora-workspace")
+
+
+def test_the_step_shown_is_the_one_a_resume_continues_from_until_the_new_worker_has_resumed(tmp_path):
+    """A worker killed at step 65 after checkpoint-60: failed, queued again and starting up, the job
+    shows step 60 (steps 61-65 are lost); once the new worker's trainer has resumed, its own steps."""
+    from adaprelora_diffusion.engine.lock import try_lock
+    from app.service import JobService
+    from app.uploads import UploadLimits
+
+    ws = Workspace.open(tmp_path / "ws")
+    job_id = _job(ws)
+    folder = ws.jobs_dir / job_id
+    for step in (30, 60):  # complete checkpoints (a manifest marks them)
+        (folder / "output" / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / "output" / f"checkpoint-{step}" / "manifest.json").write_text("{}")
+    log = EventLog(folder / "events.jsonl")
+    log.write("attempt", pid=111)
+    log.write("start", step=0, max_steps=100)
+    for step in range(1, 66):
+        log.write("step", step=step, max_steps=100, loss=0.1)
+    service = JobService(ws, [], UploadLimits())
+
+    def shown(**state):
+        jobs.update_state(folder, **state)
+        return service.job_status(job_id, "")["step"]
+
+    assert shown(state="failed", pid=111) == 60
+    assert shown(state="queued") == 60
+    held = try_lock(jobs.lock_path(folder))  # a live worker, pid 222, that has not written its attempt yet
+    try:
+        assert shown(state="running", pid=222) == 60
+        log.write("attempt", pid=222)
+        assert shown(state="running", pid=222) == 60  # loading the model, resuming
+        log.write("start", step=60, max_steps=100)
+        log.write("step", step=61, max_steps=100, loss=0.1)
+        assert shown(state="running", pid=222) == 61
+    finally:
+        os.close(held)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -43,3 +45,36 @@ def test_two_users_train_one_after_the_other_and_see_only_their_own_jobs(launch,
     with pytest.raises(Exception, match="Unknown job id"):
         bob.predict(job_a, "a photo of sks robot toy", 0, 1.0, api_name="/sample")
     assert (app.workspace / "jobs" / job_a).is_dir()  # bob's delete did not touch it
+
+
+def _get(app, client, path: str) -> httpx.Response:
+    return httpx.get(app.url + "gradio_api/file=" + path, cookies=client.cookies, timeout=30)
+
+
+def test_served_files_go_to_their_user_only_and_not_past_a_restart(launch, tiny_model_dir, tmp_path):
+    """Alice's zip and photos, fetched by their URL: only she gets the zip; nobody gets an upload back;
+    after a restart the old URL serves nothing."""
+    workspace = tmp_path / "workspace"
+    args = ("--auth", "alice:wonderland", "--auth", "bob:builder")
+    app = launch(*args, workspace=workspace)
+    alice, bob = app.client(auth=("alice", "wonderland")), app.client(auth=("bob", "builder"))
+    job = alice.predict([gradio_client.handle_file(p) for p in demo_images()], tiny_settings(tiny_model_dir, max_train_steps=2),
+                        api_name="/create_job")
+    assert wait_for(alice, job)["state"] == "done"
+    served = alice.predict(job, "zip", api_name="/download")  # the client's own download of it
+    path = next((app.workspace / ".gradio" / "served").rglob("*-lora.zip"))
+    assert Path(served).read_bytes() == path.read_bytes()
+    assert _get(app, alice, str(path)).status_code == 200
+    refused = _get(app, bob, str(path))
+    assert refused.status_code == 403 and b"PK" not in refused.content  # the zip, by its URL, to another login
+    assert httpx.get(app.url + "gradio_api/file=" + str(path)).status_code in (401, 403)  # and to no login
+
+    with httpx.Client(base_url=app.url, cookies=alice.cookies) as http:  # a photo alice uploads
+        uploaded = http.post("gradio_api/upload", files={"files": ("face.png", demo_images()[0].read_bytes(), "image/png")})
+    photo = uploaded.json()[0]
+    assert _get(app, bob, photo).status_code == 403 and _get(app, alice, photo).status_code == 403  # uploads go back to no one
+
+    app.kill(signal.SIGKILL)
+    app = launch(*args, workspace=workspace)
+    alice = app.client(auth=("alice", "wonderland"))
+    assert not path.exists() and _get(app, alice, str(path)).status_code in (403, 404)  # nothing survives a restart

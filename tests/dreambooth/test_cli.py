@@ -32,6 +32,19 @@ def test_flags_parse_into_the_config():
     assert cfg.adaprelora_clip_threshold is None and cfg.max_grad_norm is None
 
 
+def test_a_config_prints_as_the_command_line_that_builds_it_again():
+    from adaprelora_diffusion.dreambooth.config import command_line
+
+    config = TrainConfig(pretrained_model_name_or_path="my sd", instance_prompt="a photo of sks dog", rank=8,
+                         learning_rate=3e-4, train_text_encoder=True, adaprelora_clip_threshold=None, max_grad_norm=None,
+                         adaprelora_stats="exact", adaprelora_eps=1e-20, skip_initial_validation=True)
+    argv = command_line(config)
+    assert parse_config(argv) == config
+    assert "--seed" not in argv and "--optimizer" not in argv  # defaults are left out
+    assert argv[argv.index("--adaprelora_clip_threshold") + 1] == "0"  # off, as the flag spells it
+    assert command_line(TrainConfig()) == []
+
+
 def test_adaprelora_flags_reach_the_optimizer_and_adam_flags_its_adamw_group():
     from adaprelora_diffusion.optim import optimizer_kwargs
 
@@ -91,10 +104,13 @@ def test_sigterm_checkpoints_exits_143_and_the_resumed_run_is_bit_identical(tmp_
     from safetensors.torch import load_file
 
     common = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--report_to", "none", "--num_validation_images", "0",
-              "--max_train_steps", "80", "--checkpointing_steps", "100000"]
+              "--checkpointing_steps", "100000"]
     out = tmp_path / "preempted"
     cmd = [sys.executable, "train_dreambooth.py", *common, "--output_dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_for(tiny_pipeline_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # long by construction (no machine finishes 100000 steps before the signal); the resume and the
+    # reference then stop a few steps past the preemption (a constant lr: the budget changes nothing else)
+    proc = subprocess.Popen(cmd + ["--max_train_steps", "100000"], cwd=ROOT, env=env_for(tiny_pipeline_dir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "training_config.json").exists():
         time.sleep(0.2)
@@ -104,12 +120,14 @@ def test_sigterm_checkpoints_exits_143_and_the_resumed_run_is_bit_identical(tmp_
     assert proc.returncode == 143, stderr[-2000:]
     assert "SIGTERM: stopping after this step" in stderr and "Traceback" not in stderr
     (checkpoint,) = out.glob("checkpoint-*")
-    assert 0 < int(checkpoint.name.split("-")[1]) < 80
-    resumed = subprocess.run(cmd + ["--resume_from_checkpoint", "latest"], cwd=ROOT, env=env_for(tiny_pipeline_dir),
+    preempted_at = int(checkpoint.name.split("-")[1])
+    assert preempted_at > 0
+    budget = ["--max_train_steps", str(preempted_at + 5)]
+    resumed = subprocess.run(cmd + budget + ["--resume_from_checkpoint", "latest"], cwd=ROOT, env=env_for(tiny_pipeline_dir),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    reference = subprocess.run([sys.executable, "train_dreambooth.py", *common, "--output_dir", str(tmp_path / "ref")], cwd=ROOT,
-                               env=env_for(tiny_pipeline_dir), capture_output=True, text=True, timeout=300)
+    reference = subprocess.run([sys.executable, "train_dreambooth.py", *common, *budget, "--output_dir", str(tmp_path / "ref")],
+                               cwd=ROOT, env=env_for(tiny_pipeline_dir), capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]
     a = load_file(str(out / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "ref" / "pytorch_lora_weights.safetensors"))

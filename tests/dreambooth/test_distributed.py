@@ -1,7 +1,6 @@
 """Two CPU processes (torchrun, gloo) train the same LoRA as one process with the same global batch."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adaprelora_diffusion.engine.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, tmp_path, env):

@@ -29,7 +29,9 @@ def split_card(text):
 
 
 def table_rows(body):
-    rows = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| Setting")]
+    """The rows of the card's settings table."""
+    section = body.split("## Training settings", 1)[1].split("\n## ", 1)[0] if "## Training settings" in body else ""
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| Setting")]
     return {re.split(r"(?<!\\)\|", r)[1].strip(): re.split(r"(?<!\\)\|", r)[2].strip() for r in rows}
 
 
@@ -81,6 +83,9 @@ def test_hub_base_model_card(lora_dir):
     for url in urls:
         assert f"]({url})" in body
     assert "](sks-robot-kohya.safetensors)" in body
+    which = body.split("## Which file for which tool", 1)[1].split("\n## ", 1)[0]
+    assert "| `pytorch_lora_weights.safetensors` | diffusers" in which and "Not for AUTOMATIC1111" in which
+    assert "| `sks-robot-kohya.safetensors` | AUTOMATIC1111, ComfyUI" in which
     assert "text encoder" in body and "`adaprelora`" in body and "`a photo of sks robot`" in body
     assert "smoke-test" not in body.lower()
 
@@ -107,6 +112,7 @@ def test_random_tiny_base_model_is_flagged_as_smoke_test(lora_dir, tiny_pipeline
     assert "base_model" not in meta  # not a Hub id
     assert "widget" not in meta and "## Sample images" not in body
     assert "tiny random-weight" in body and "smoke-test" in body.lower()
+    assert "| (no kohya file) | for AUTOMATIC1111 and ComfyUI, train with `--output_kohya_format`" in body
     (snippet,) = python_snippets(body)
     compile(snippet, "README snippet", "exec")
     assert "ensure_tiny_pipeline()" in snippet and str(tiny_pipeline_dir) not in snippet

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from adaprelora_diffusion.dreambooth.model_loading import no_image_processor_fallback_notice
+from adaprelora_diffusion.engine.quiet_imports import no_image_processor_fallback_notice
 
 REPO = Path(__file__).resolve().parents[2]
 NOTICE = "requires torchvision (not installed); falling back to"
@@ -107,3 +107,14 @@ def test_only_that_notice_and_only_inside_the_block_is_dropped():
         logger.removeHandler(handler)
     assert handler.messages == ["Could not import module 'X'.", notice]
     assert not logger.filters
+
+
+def test_building_the_tiny_pipelines_and_importing_diffusers_afterwards_print_no_notice(notice_expected, tmp_path):
+    """The demo's pipeline builders (every test session builds them) and any later plain diffusers import."""
+    proc = run_fresh(f"""
+        from adaprelora_diffusion.demo.tiny_pipeline import ensure_tiny_pipeline
+        ensure_tiny_pipeline(cache_dir={str(tmp_path)!r})
+        ensure_tiny_pipeline(cache_dir={str(tmp_path)!r}, family="sdxl")
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """)
+    assert NOTICE not in proc.stderr, proc.stderr

@@ -48,6 +48,12 @@ def test_smoke_run_writes_lora_samples_card_and_checkpoints(tmp_path):
     assert any(e.images for e in events if e.kind == "validation")
 
 
+def test_the_step_0_samples_can_be_skipped(tmp_path):
+    result = train(config(tmp_path, max_train_steps=2, num_validation_images=1, validation_steps=1,
+                          skip_initial_validation=True))
+    assert sorted(p.name for p in (result.output_dir / "validation").iterdir()) == ["step-000001", "step-000002"]
+
+
 def test_default_model_is_the_shipped_pretrained_pipeline(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained_tiny, "default_pretrained_pipeline", SHIPPED_DEFAULT)
     result = train(config(tmp_path, max_train_steps=2))

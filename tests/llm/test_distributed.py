@@ -3,7 +3,6 @@ the hook statistics are all-reduced, so AdaPreLoRA steps every rank alike."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from adaprelora_diffusion.engine.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(cmd, env):
