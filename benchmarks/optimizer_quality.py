@@ -149,6 +149,11 @@ CONFIGS = {
     "adaprelora[damping=0.01]": ("adaprelora", {"damping": 0.01}, "adam"),
     # weight averaging is the harness's (benchmarks/quality/harness.WeightAverage), not an optimizer argument
     "adaprelora[average=0.9]": ("adaprelora", {"weight_average": 0.9}, "adam"),
+    # version 3's bounds (the default: step_bound 1, trust_ratio 0.1), one at a time and off
+    "adaprelora[v2]": ("adaprelora", {"step_bound": None, "trust_ratio": None}, "adam"),
+    "adaprelora[bound-only]": ("adaprelora", {"trust_ratio": None}, "adam"),
+    "adaprelora[trust-only]": ("adaprelora", {"step_bound": None}, "adam"),
+    "adaprelora[trust=0.2]": ("adaprelora", {"trust_ratio": 0.2}, "adam"),
     # a diagnostic, not a product optimizer (benchmarks/quality/harness.DIAGNOSTIC_OPTIMIZERS)
     "adafactor[fixed-lr]": ("adafactor_fixed_lr", {}, "adam"),
 }

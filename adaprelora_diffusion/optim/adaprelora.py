@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .base import Gathered, LoraPairOptimizer, _check
-from .closed_form import adafactor_scales, factored_step, h_step_rms, tangent_statistics
+from .closed_form import adafactor_scales, factored_step, h_step_rms, step_bound_scales, tangent_statistics
 from .statistics import STATS_MODES, HookStatistics
 
 _TINY = 1e-30
@@ -34,30 +34,36 @@ class AdaPreLoRA(LoraPairOptimizer):
     `Gb = B.grad / s = G A^T`, Adafactor's factored second moment of `G = dL/dW`
     (EMAs `R`, `C` of the row and column sums of `G * G + eps`) defines the diagonal
     Kronecker metric `H(Z) = diag(d1) Z diag(d2)`, `d1_i d2_j = sqrt(R_i C_j / sum R)`.
-    The step is the solution of `J* H J d = J* G`, `J(dA, dB) = B dA + dB A`, that shares
-    the common part equally (``balance`` c):
+    The step is the solution of `J* H J d = J* G`, `J(dA, dB) = B dA + dB A`, that gives the
+    share ``balance`` (c) of the common part to A's step:
 
     .. math::
         K_B = B^T D_1 B + \delta I,\quad K_A = A D_2 A^T + \delta I \\
         dA = K_B^{-1} [G_a / d_2 - (1 - c)(G_a A^T) K_A^{-1} A] \\
         dB = [G_b / d_1 - c B K_B^{-1} (B^T G_b)] K_A^{-1} \\
-        A \leftarrow A - (lr / s)\, dA,\qquad B \leftarrow B - (lr / s)\, dB
+        \Delta A = -(lr / s)\, dA,\qquad \Delta B = -(lr / s)\, dB
 
-    so W moves by `-lr (B dA + dB A)`, the H-projection of Adafactor's direction onto the
-    LoRA tangent space: ``lr`` means what Adam's lr means on W, independent of rank and alpha
-    (with ``scale_parameter`` it is relative to each layer's weight RMS, as Adafactor's).
-    ``delta = damping * (tr K_B + tr K_A) / (2 r)`` (relative: B = 0 at init makes K_B
-    singular, and a damping relative to both traces bounds the A-step while B grows).
-    The step is clipped as Adafactor clips its update, to ``clip_threshold``, measured as the
-    sqrt(V)-weighted RMS of the W-step, `sqrt(<G, Z> / sum sqrt(V))`, which two dot products
-    give (see `closed_form.h_step_rms`). The statistics decay with ``betas[1]`` and Adam's bias
-    correction, or with Adafactor's schedule `1 - t^beta2_decay`.
+    so W moves by `-lr (B dA + dB A)`, the H-projection of Adafactor's direction onto the LoRA
+    tangent space, and ``lr`` means what Adam's lr means on W (version 2's rule).
+    ``delta = damping * (tr K_B + tr K_A) / (2 r)``. The W-step is clipped to ``clip_threshold``
+    in its sqrt(V)-weighted RMS, `sqrt(<G, Z> / sum sqrt(V))` (see `closed_form.h_step_rms`).
 
-    The default is the momentum-free rule (``betas[0] = 0``, the paper's Algorithm 1): state
-    per module is the m + n statistics, about 1 / (2 r) of AdamW's 2 (m + n) r. With
-    ``betas[0] > 0`` a momentum of the factor gradients is used in the solve
-    (``momentum="gradient"``, as in Adam) or of the solved directions (``momentum="update"``,
-    as in Adafactor), and (m + n) r more floats are kept.
+    Version 3 bounds that step in factor space, where it can overshoot while B is small (A's
+    step grows like `1 / |B|`). With rank component i = row `a_i` of A and column `b_i` of B:
+
+    .. math::
+        \|\Delta a_i\| \le \beta\, lr \sqrt{n},\qquad \|\Delta b_i\| \le \beta\, (lr / s) \sqrt{m},
+        \qquad \|\Delta A\|_F \le \rho \|A\|_F
+
+    each component keeping its direction (``step_bound`` β: no component moves farther than one
+    Adam step, whose entries have RMS lr, would move it; ``trust_ratio`` ρ: A changes by at most
+    that fraction per step). The bounds only shorten a step; in the long run the W-step rule
+    is version 2's. See docs/optimizer.md for the evidence behind every default.
+
+    The default is momentum-free (``betas[0] = 0``): state per module is the m + n statistics.
+    With ``betas[0] > 0`` a momentum of the factor gradients is used in the solve
+    (``momentum="gradient"``) or of the solved directions (``momentum="update"``), and
+    (m + n) r more floats are kept.
 
     ``stats`` chooses where R and C come from: ``"exact"`` (hooks form G per layer in
     backward), ``"sketch"`` (hooks, unbiased Gaussian sketch, LoRA-sized cost, exact under
@@ -72,24 +78,6 @@ class AdaPreLoRA(LoraPairOptimizer):
 
     A step whose gradients or statistics contain inf/NaN is skipped: parameters and state
     stay unchanged, ``skipped_steps`` counts it and a RuntimeWarning says so.
-
-    Defaults and their evidence (benchmarks/optimizer_quality.py, every setting at its own best
-    lr; the tables are in docs/optimizer_quality.md, "Version 2"):
-
-    * ``betas=(0.0, 0.999)``: momentum-free. It ties or beats ``betas[0] = 0.9`` on T1-T4 (T1
-      6.5e-5 vs 8.8e-5 excess MSE, T2 1.234 vs 1.239, T3 0.1362 vs 0.1377, T4 within noise) and
-      keeps no momentum buffers.
-    * ``beta2_decay=None``: Adafactor's schedule loses on T1 (8.2e-5), ties on T2 and T3 and is
-      the best variant on T4 (2 seeds).
-    * ``scale_parameter=False``: relative steps lose on T2 (1.245) and fail a T4 seed.
-    * ``clip_threshold=1.0``: never acts on T1 (identical with clipping off); a bound for bad
-      steps.
-    * ``eps=1e-30``: 1e-14 (torch Adafactor's floor) changes nothing on T1.
-    * ``damping=0.1``: 0.01 ends at 7.4e-5 on T1; earlier sweeps: 0.01-0.3 tie, 1.0 is worse.
-    * ``stats="sketch"``: equal to "exact" on T1-T3 at half its backward cost (see DEFAULT_STATS).
-    * ``balance=0.5``: 0 is 9% better on T1 but ties on T2 and T3; 1 is worse on T3.
-    * ``lr``: the best lr equals AdamW's or is up to 3x lower; 1e-4 is the usual AdamW LoRA lr
-      of SD and LLMs.
 
     Build it with :meth:`from_model`.
     """
@@ -109,6 +97,8 @@ class AdaPreLoRA(LoraPairOptimizer):
         scale_parameter: bool = False,
         stats: str = DEFAULT_STATS,
         momentum: str = "gradient",
+        step_bound: float | None = 1.0,
+        trust_ratio: float | None = 0.1,
         sketch_dim: int = 16,
         seed: int = 0,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
@@ -127,6 +117,8 @@ class AdaPreLoRA(LoraPairOptimizer):
             beta2_decay=beta2_decay,
             scale_parameter=scale_parameter,
             momentum=momentum,
+            step_bound=step_bound,
+            trust_ratio=trust_ratio,
             adamw_betas=tuple(adamw_betas),
             adamw_eps=adamw_eps,
         )
@@ -159,6 +151,10 @@ class AdaPreLoRA(LoraPairOptimizer):
             group["momentum"] in MOMENTUM_CHOICES,
             f"momentum must be 'gradient' or 'update', got {group['momentum']!r}.",
         )
+        for key in ("step_bound", "trust_ratio"):
+            value = group[key]
+            _check(value is None or (isinstance(value, (int, float)) and 0.0 < value < math.inf),
+                   f"{key} must be a number > 0 or None (off), got {value!r}.")
         decay = group["beta2_decay"]
         _check(
             decay is None or (isinstance(decay, (int, float)) and -1.0 <= decay < 0.0),
@@ -323,6 +319,9 @@ class AdaPreLoRA(LoraPairOptimizer):
     def _update_bucket(self, w: Gathered, group: dict[str, Any], prepared: dict[str, Any]) -> None:
         bucket, active = w.bucket, w.active
         beta1 = group["betas"][0]
+        trust = group["trust_ratio"]
+        # before the solve's products overwrite the gathered A with its step
+        trust_limit = trust * torch.linalg.vector_norm(w.A.flatten(1), dim=-1) if trust is not None else None
         if beta1 > 0.0 and "exp_avg_A" not in bucket.state:  # momentum switched on after construction
             self._grow_state(bucket)
         state = bucket.state
@@ -367,8 +366,27 @@ class AdaPreLoRA(LoraPairOptimizer):
             dB = self._ema_scaled(state["exp_avg_B"], dB, g[:, None, None], beta1, active)
             neg = -(lr * inv_s / (1.0 - beta1 ** step.clamp_min(1.0)))[:, None, None]
             delta_A, delta_B = dA * neg, dB * neg  # dA, dB are the momenta themselves: scaled copies
+        if group["step_bound"] is not None or trust_limit is not None:
+            self._bound(delta_A, delta_B, group["step_bound"], lr, inv_s, trust_limit)
         self._apply_delta(bucket.As, delta_A, active, decay)
         self._apply_delta(bucket.Bs, delta_B, active, decay)
+
+    @staticmethod
+    def _bound(delta_A: Tensor, delta_B: Tensor, step_bound: float | None, lr: float | Tensor, inv_s: Tensor,
+               trust_limit: Tensor | None) -> None:
+        """Shorten the steps in place to version 3's bounds (see the class docstring)."""
+        m, n = delta_B.shape[1], delta_A.shape[-1]
+        bound_A = bound_B = None
+        if step_bound is not None:
+            unit = step_bound * lr * torch.ones_like(inv_s)  # lr may be a float or per module (scale_parameter)
+            bound_A, bound_B = unit * math.sqrt(n), unit * inv_s * math.sqrt(m)
+        scale_A, scale_B = step_bound_scales(delta_A, delta_B, bound_A, bound_B, trust_limit)
+        # As with clipping: on the CPU the check is free and saves a pass when no bound acts; on an
+        # accelerator it would be a device sync, and the multiplies are cheap there.
+        if delta_A.device.type != "cpu" or bool((scale_A < 1.0).any()):
+            delta_A.mul_(scale_A[:, :, None])
+        if delta_B.device.type != "cpu" or bool((scale_B < 1.0).any()):
+            delta_B.mul_(scale_B[:, None, :])
 
     def _weight_rms(self, bucket) -> Tensor:
         """RMS of each pair's frozen base weight W0 (k,), for ``scale_parameter`` (Adafactor's

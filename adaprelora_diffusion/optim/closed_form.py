@@ -17,6 +17,7 @@ __all__ = [
     "adafactor_scales",
     "factored_step",
     "h_step_rms",
+    "step_bound_scales",
     "relative_damping",
     "damped_inverse",
     "preconditioned_step",
@@ -132,7 +133,8 @@ def preconditioned_step(
     """Factor directions `(dA, dB)` of the H-preconditioned LoRA step.
 
     Solves the normal equations `J* H J d = J* G` with `H(Z) = diag(d1) Z diag(d2)` and picks
-    the gauge that gives fraction `balance` (c) of the common part `P_B (.) P_A` to B:
+    the gauge that gives fraction `balance` (c) of the common part `P_B (.) P_A` to A's step `B dA`
+    (B's step `dB A` carries 1 - c):
 
         KB = B^T diag(d1) B + delta I,  KA = A diag(d2) A^T + delta I
         dA = KB^-1 [ Ga / d2 - (1 - c) (Ga A^T) KA^-1 A ]
@@ -165,6 +167,37 @@ def h_step_rms(dA: Tensor, dB: Tensor, Ga: Tensor, Gb: Tensor, d1: Tensor, d2: T
         q = q * scale
     total = d1.sum(-1) * d2.sum(-1)
     return (q.clamp_min(0.0) / total.clamp_min(_TINY)).sqrt()
+
+
+def step_bound_scales(
+    delta_A: Tensor,
+    delta_B: Tensor,
+    bound_A: Tensor | None,
+    bound_B: Tensor | None,
+    trust_limit: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Version 3's bounds on a step, as multipliers of A's rows and B's columns (each (k, r)).
+
+    Rank component i of a module is row i of A and column i of B. Each component's parameter
+    step keeps its direction and is shortened, never lengthened, to at most ``bound_A`` (k,)
+    (row of A) and ``bound_B`` (k,) (column of B); then A's whole step is shortened to at most
+    ``trust_limit`` (k,) in Frobenius norm. A zero step or a zero limit leaves its component
+    alone (a limit of 0 means "no reference yet", e.g. an all-zero A). Either bound may be None
+    (off). Pure and batched: one norm per component, no loop over modules.
+    """
+    norm_A = torch.linalg.vector_norm(delta_A, dim=-1)
+    norm_B = torch.linalg.vector_norm(delta_B, dim=-2)
+    scale_A = torch.ones_like(norm_A)
+    scale_B = torch.ones_like(norm_B)
+    if bound_A is not None:
+        scale_A = (bound_A[:, None] / norm_A.clamp_min(_TINY)).clamp_max(1.0)
+    if bound_B is not None:
+        scale_B = (bound_B[:, None] / norm_B.clamp_min(_TINY)).clamp_max(1.0)
+    if trust_limit is not None:
+        total = torch.linalg.vector_norm(scale_A * norm_A, dim=-1)
+        shrink = (trust_limit / total.clamp_min(_TINY)).clamp_max(1.0)
+        scale_A = scale_A * torch.where(trust_limit > 0, shrink, torch.ones_like(shrink))[:, None]
+    return scale_A, scale_B
 
 
 def _projection_parts(A: Tensor, B: Tensor, Ga: Tensor, Gb: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -114,6 +114,13 @@ ADAPRELORA_SETTINGS: tuple[Setting, ...] = (
     Setting("clip_threshold", float, 1.0, "clip the RMS of the W-step to this (<= 0 or empty: off)",
             keyword="clip_threshold", valid=lambda v: 0.0 < v, rule="a number > 0 (or <= 0 for no clipping)",
             off=lambda v: v <= 0),
+    Setting("step_bound", float, 1.0, "version 3: no rank component of a factor moves farther in one step than an Adam "
+            "step (entries of RMS lr) would, times this: row i of A at most step_bound*lr*sqrt(n), column i of B at "
+            "most step_bound*(lr/s)*sqrt(m) (<= 0 or empty: off, version 2's step)", keyword="step_bound",
+            valid=lambda v: 0.0 < v < math.inf, rule="a number > 0 (or <= 0 for no bound)", off=lambda v: v <= 0),
+    Setting("trust_ratio", float, 0.1, "version 3: A changes by at most this fraction of its norm per step, which "
+            "stops the jump of A while B is small (<= 0 or empty: off)", keyword="trust_ratio",
+            valid=lambda v: 0.0 < v < math.inf, rule="a number > 0 (or <= 0 for no limit)", off=lambda v: v <= 0),
     Setting("momentum", str, MOMENTUM_CHOICES[0], f"where the first moment sits: {', '.join(MOMENTUM_CHOICES)}",
             keyword="momentum", choices=tuple(MOMENTUM_CHOICES)),
 )

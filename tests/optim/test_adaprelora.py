@@ -28,6 +28,22 @@ def reference_step(A, B, Ga, Gb, rows, cols, damping, balance=0.5):
     return dA, dB
 
 
+def reference_bounds(dA, dB, A, lr, s, step_bound, trust_ratio):
+    """Version 3's bounds on one module's parameter steps, written out component by component."""
+    dA, dB = dA.clone(), dB.clone()
+    (r, n), m = dA.shape, dB.shape[0]
+    if step_bound is not None:
+        for i in range(r):
+            row, col = dA[i].norm(), dB[:, i].norm()
+            if row > step_bound * lr * n**0.5:
+                dA[i] *= step_bound * lr * n**0.5 / row
+            if col > step_bound * lr / s * m**0.5:
+                dB[:, i] *= step_bound * lr / s * m**0.5 / col
+    if trust_ratio is not None and dA.norm() > trust_ratio * A.norm() > 0:
+        dA *= trust_ratio * A.norm() / dA.norm()
+    return dA, dB
+
+
 def projected_sums(A, B, G):
     PB = B @ torch.linalg.inv(B.T @ B) @ B.T
     PA = A.T @ torch.linalg.inv(A @ A.T) @ A
@@ -36,8 +52,10 @@ def projected_sums(A, B, G):
 
 
 @pytest.mark.parametrize("stats", ["exact", "sketch", "tangent"])
-@pytest.mark.parametrize("rslora,beta1", [(False, 0.0), (True, 0.0), (False, 0.9)])
-def test_one_real_step_equals_the_closed_form(stats, rslora, beta1):
+@pytest.mark.parametrize("rslora,beta1,bounds", [(False, 0.0, (1.0, 0.1)), (True, 0.0, (1.0, 0.1)), (False, 0.9, (1.0, 0.1)),
+                                                 (False, 0.0, (None, None)), (True, 0.0, (0.3, None)), (False, 0.0, (None, 0.01))])
+def test_one_real_step_equals_the_closed_form(stats, rslora, beta1, bounds):
+    """Version 2's closed form, then version 3's bounds (a per-component loop) on the parameter steps."""
     model = make_toy(rslora=rslora)
     batch = toy_batches(1)[0]
     G = true_weight_gradients(model, batch)  # also leaves the factor gradients in .grad
@@ -49,12 +67,15 @@ def test_one_real_step_equals_the_closed_form(stats, rslora, beta1):
             module.base_layer.weight.grad = None
             module.base_layer.weight.requires_grad_(False)
     lr, damping, betas, eps = 0.05, 0.0, (beta1, 0.99), 1e-30
-    opt = AdaPreLoRA.from_model(model, lr=lr, damping=damping, betas=betas, eps=eps, clip_threshold=None, stats=stats)
+    step_bound, trust_ratio = bounds
+    opt = AdaPreLoRA.from_model(model, lr=lr, damping=damping, betas=betas, eps=eps, clip_threshold=None, stats=stats,
+                                step_bound=step_bound, trust_ratio=trust_ratio)
     # the hooks were installed after the backward above: run it again so they see it
     model.zero_grad()
     opt.zero_grad()
     loss_fn(model, batch).backward()
     opt.step()
+    shortened = 0
     for pair in pairs:
         m, n, r = pair.shape
         A, B = before[id(pair)]
@@ -72,8 +93,11 @@ def test_one_real_step_equals_the_closed_form(stats, rslora, beta1):
             cols = state_a["col_stats"] / (1 - betas[1]) - m * eps
             assert 0.2 < rows.sum() / (g * g).sum() < 5  # one sketch: right order of magnitude
         dA, dB = reference_step(A, B, Ga, Gb, rows + n * eps, cols + m * eps, damping)
-        torch.testing.assert_close(pair.A.detach().reshape(r, n), A - lr / s * dA, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(pair.B.detach().reshape(m, r), B - lr / s * dB, rtol=1e-9, atol=1e-12)
+        step_A, step_B = reference_bounds(-lr / s * dA, -lr / s * dB, A, lr, s, step_bound, trust_ratio)
+        shortened += int(not torch.equal(step_A, -lr / s * dA)) + int(not torch.equal(step_B, -lr / s * dB))
+        torch.testing.assert_close(pair.A.detach().reshape(r, n), A + step_A, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(pair.B.detach().reshape(m, r), B + step_B, rtol=1e-9, atol=1e-12)
+    assert (shortened > 0) == (bounds != (None, None))  # where bounds are on, they act on this toy
     opt.close()
 
 
@@ -227,7 +251,7 @@ def _one_step_deltas(model, **kwargs):
 
 
 def test_clipping_scales_the_step_to_the_threshold_in_the_sqrt_v_weighted_rms():
-    common = dict(lr=1.0, stats="exact", betas=(0.0, 0.9), damping=0.0)
+    common = dict(lr=1.0, stats="exact", betas=(0.0, 0.9), damping=0.0, step_bound=None, trust_ratio=None)
     free, opt, pairs, before = _one_step_deltas(make_toy(), clip_threshold=None, **common)
     clipped, opt_c, _, _ = _one_step_deltas(make_toy(), clip_threshold=1e-3, **common)
     for p in pairs:
@@ -473,3 +497,46 @@ def test_a_zero_lr_step_leaves_the_factors_unchanged(betas):
         run(model, opt, toy_batches(2))
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_version_3_bounds_hold_on_every_step_from_b_zero():
+    """From peft's B = 0 start at a large lr, where the bounds act: no row of A moves more than lr·sqrt(n), no
+    column of B more than (lr/s)·sqrt(m), A by at most 10% of its norm; the first step moves only B."""
+    model = make_toy(random_b=False)
+    pairs, _ = find_lora_pairs(model)
+    lr, acted = 0.5, 0
+    with AdaPreLoRA.from_model(model, lr=lr) as opt:
+        for t, batch in enumerate(toy_batches(6)):
+            before = {p.name: (p.a_matrix(p.A.detach()).clone(), p.b_matrix(p.B.detach()).clone()) for p in pairs}
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+            for p in pairs:
+                m, n, _ = p.shape
+                s = p.scaling
+                A0, B0 = before[p.name]
+                dA, dB = p.a_matrix(p.A.detach()) - A0, p.b_matrix(p.B.detach()) - B0
+                assert torch.isfinite(dA).all() and torch.isfinite(dB).all()
+                if t == 0:
+                    assert torch.equal(dA, torch.zeros_like(dA)) and dB.abs().sum() > 0
+                assert (dA.norm(dim=1) <= lr * n**0.5 * (1 + 1e-9)).all()
+                assert (dB.norm(dim=0) <= lr / s * m**0.5 * (1 + 1e-9)).all()
+                assert dA.norm() <= 0.1 * A0.norm() * (1 + 1e-9)
+                acted += int(dA.norm() >= 0.1 * A0.norm() * (1 - 1e-9)) + int((dB.norm(dim=0) >= lr / s * m**0.5 * (1 - 1e-9)).any())
+    assert acted > 0  # the bounds were reached, so the checks above could fail
+
+
+@pytest.mark.parametrize("bounds", [dict(), dict(step_bound=None, trust_ratio=None)])
+def test_the_step_on_w_does_not_depend_on_alpha(bounds):
+    """W = W0 + s·B·A with alpha 3 (s = 1) and alpha 12 (s = 4), the same A and B = 0: every step moves W alike,
+    with version 3's bounds (B's bound scales with 1/s, A's does not) and without them."""
+    products = []
+    for alpha in (3.0, 12.0):
+        model = make_toy(alpha=alpha, random_b=False)
+        pairs, _ = find_lora_pairs(model)
+        with AdaPreLoRA.from_model(model, lr=0.2, damping=0.0, stats="exact", **bounds) as opt:
+            run(model, opt, toy_batches(5))
+        products.append([p.scaling * p.b_matrix(p.B.detach()) @ p.a_matrix(p.A.detach()) for p in pairs])
+    for w1, w4 in zip(*products):
+        assert w1.abs().max() > 1e-3  # the LoRA has moved
+        torch.testing.assert_close(w1, w4, rtol=1e-7, atol=1e-10)

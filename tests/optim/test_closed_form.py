@@ -8,6 +8,7 @@ from adaprelora_diffusion.optim.closed_form import (
     h_step_rms,
     lorapro_step,
     preconditioned_step,
+    step_bound_scales,
     tangent_statistics,
 )
 
@@ -172,3 +173,32 @@ def test_lorapro_projects_and_stays_closest_to_plain_lora_gradients(m, n, r):
     for scale in (1e-3, 1.0):
         X = scale * torch.randn(A.shape[0], r, r, dtype=torch.float64)
         assert (distance(dA + X @ A, dB - B @ X) >= base - 1e-9).all()
+
+
+def test_step_bound_scales_shorten_each_component_then_a_as_a_whole():
+    """Version 3's bounds against a loop over modules and components (float64), zero steps and limits included."""
+    g = torch.Generator().manual_seed(3)
+    k, r, m, n = 4, 3, 7, 5
+    dA = torch.randn(k, r, n, generator=g, dtype=torch.float64)
+    dB = torch.randn(k, m, r, generator=g, dtype=torch.float64)
+    dA[0, 1] = 0.0  # a component that does not move
+    dB[2, :, 0] = 0.0
+    bound_A = torch.tensor([0.5, 10.0, 1.0, 2.0], dtype=torch.float64)
+    bound_B = torch.tensor([1.0, 0.2, 10.0, 3.0], dtype=torch.float64)
+    trust = torch.tensor([1.0, 0.0, 100.0, 2.0], dtype=torch.float64)  # 0: no reference (an all-zero A)
+    sA, sB = step_bound_scales(dA, dB, bound_A, bound_B, trust)
+    for j in range(k):
+        rows = [min(1.0, float(bound_A[j] / dA[j, i].norm())) if dA[j, i].norm() > 0 else 1.0 for i in range(r)]
+        cols = [min(1.0, float(bound_B[j] / dB[j, :, i].norm())) if dB[j, :, i].norm() > 0 else 1.0 for i in range(r)]
+        total = sum((f * dA[j, i].norm()) ** 2 for i, f in enumerate(rows)) ** 0.5
+        if trust[j] > 0 and total > trust[j]:
+            rows = [f * float(trust[j] / total) for f in rows]
+        torch.testing.assert_close(sA[j], torch.tensor(rows, dtype=torch.float64))
+        torch.testing.assert_close(sB[j], torch.tensor(cols, dtype=torch.float64))
+    assert (sA <= 1).all() and (sB <= 1).all() and (sA < 1).any() and (sB < 1).any()
+    # every bound holds after scaling, and directions are kept (positive multipliers)
+    assert ((dA * sA[..., None]).norm(dim=-1) <= bound_A[:, None] * (1 + 1e-12)).all()
+    assert ((dB * sB[:, None, :]).norm(dim=-2) <= bound_B[:, None] * (1 + 1e-12)).all()
+    # off: no multiplier at all
+    ones_A, ones_B = step_bound_scales(dA, dB, None, None, None)
+    assert torch.equal(ones_A, torch.ones(k, r, dtype=torch.float64)) and torch.equal(ones_B, torch.ones(k, r, dtype=torch.float64))
