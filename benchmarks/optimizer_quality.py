@@ -156,7 +156,20 @@ CONFIGS = {
     "adaprelora[trust=0.2]": ("adaprelora", {"trust_ratio": 0.2}, "adam"),
     # a diagnostic, not a product optimizer (benchmarks/quality/harness.DIAGNOSTIC_OPTIMIZERS)
     "adafactor[fixed-lr]": ("adafactor_fixed_lr", {}, "adam"),
+    # the version 3 grafting ablation (benchmarks/quality/grafting.py): direction x step length, per rank component
+    # unless marked; "af" = Adafactor on each factor at a fixed lr, "af-rel" = torch's relative, 1/sqrt(t)-capped rule
+    "graft[v2-dir,af-norm]": ("graft", {"direction": "adaprelora", "norm": "adafactor"}, "adam"),
+    "graft[af-dir,v2-norm]": ("graft", {"direction": "adafactor", "norm": "adaprelora"}, "adam"),
+    "graft[af-dir,af-norm]": ("graft", {"direction": "adafactor", "norm": "adafactor"}, "adam"),
+    "graft[v2-dir,af-norm,factor]": ("graft", {"direction": "adaprelora", "norm": "adafactor", "granularity": "factor"}, "adam"),
+    "graft[v2-dir,af-rel-norm]": ("graft", {"direction": "adaprelora", "norm": "adafactor", "relative": True}, "adafactor"),
+    "graft[v2-dir,af-norm]+trust": ("graft", {"direction": "adaprelora", "norm": "adafactor", "trust_ratio": 0.1}, "adam"),
+    "graft[v2-dir,min-norm]+trust": ("graft", {"direction": "adaprelora", "norm": "min", "trust_ratio": 0.1}, "adam"),
 }
+#: The version 3 ablation (docs/optimizer.md): baselines, the default, its bounds one at a time, and the grafts.
+V3_CONFIGS = ["adamw", "adafactor", "adaprelora", "adaprelora[v2]", "adaprelora[bound-only]", "adaprelora[trust-only]",
+              "graft[v2-dir,af-norm]", "graft[af-dir,v2-norm]", "graft[af-dir,af-norm]", "graft[v2-dir,af-norm,factor]",
+              "graft[v2-dir,af-rel-norm]", "graft[v2-dir,af-norm]+trust", "graft[v2-dir,min-norm]+trust"]
 #: The v2 ablation (docs/optimizer_quality.md): the baselines to beat and one change per row.
 V2_CONFIGS = ["adamw", "adafactor", "adaprelora", "adaprelora[beta1=0.9]", "adaprelora[beta2_decay=-0.8]",
               "adaprelora[scale_parameter]", "adaprelora[adafactor-like]", "adaprelora[clip=off]", "adaprelora[clip=0.3]",

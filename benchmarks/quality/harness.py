@@ -164,8 +164,16 @@ def _adafactor_fixed_lr(model: nn.Module, lr: float, **kwargs) -> torch.optim.Op
     return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, **kwargs)
 
 
+def _grafted(model: nn.Module, lr: float, **kwargs) -> torch.optim.Optimizer:
+    """Version 2's or Adafactor's direction with either one's step length (benchmarks/quality/grafting.py)."""
+    from .grafting import GraftedAdaPreLoRA
+
+    return GraftedAdaPreLoRA.from_model(model, lr=lr, **kwargs)
+
+
 #: Optimizers the benchmarks compare that are not part of the product's `make_optimizer` design space.
-DIAGNOSTIC_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adafactor_fixed_lr": _adafactor_fixed_lr}
+DIAGNOSTIC_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adafactor_fixed_lr": _adafactor_fixed_lr,
+                                                                           "graft": _grafted}
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, **kwargs) -> torch.optim.Optimizer:
