@@ -272,6 +272,7 @@ def summarize(task, results: list[ConfigResult], sweep_walls: dict[str, float]) 
             "best_lr": res.best_lr,
             "edge": res.edge,
             "final": {m: mean_std([run.final[m] for run in best]) for m in task.metrics},
+            "report_runs": [{"seed": run.seed, **run.final} for run in best],  # per seed: medians, worst seeds, counts
             "steps_to_adamw": reach,
             "wall_s_per_run": statistics.fmean(run.wall_s for run in best),
             "sweep_wall_s": sweep_walls[res.config.label],
