@@ -16,16 +16,19 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import sys
 import time
-import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..engine.atomic import atomic_write_text
-from ..engine.errors import TrainingError
+from ..engine.command import EXIT_OK, EXIT_USAGE, report_error, pop_debug_flag
 from ..engine.lock import OutputLock
+from ..engine.model_source import looks_like_hub_id
+from ..engine.signals import StopSignals
 from .data import SFT_FORMATS, DataError, MissingSplit, label_names, load_training_data
 from .model_card import render_model_card
 from .settings import AdaPreLoRASettings
@@ -76,10 +79,45 @@ def check_flags(command: str, data, args, model) -> None:
          "step does not cover, so every factor would train with AdamW. Use --optimizer adamw for DoRA.")
     need(args.learning_rate > 0 and math.isfinite(args.learning_rate), f"--learning_rate must be > 0, got {args.learning_rate}.")
     need(args.max_length is None or args.max_length >= 1, f"--max_length must be >= 1, got {args.max_length}.")
-    need(args.eval_steps is None or data.eval_dataset_path is not None or data.dataset_name is not None,
-         "--eval_steps needs held-out data: add --eval_dataset_path.")
+    has_evals = data.eval_dataset_path is not None or data.dataset_name is not None
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    need(strategy == "no" or has_evals, f"--eval_strategy {strategy} needs held-out data: add --eval_dataset_path.")
+    need(strategy != "no" or args.eval_steps is None or has_evals, "--eval_steps needs held-out data: add --eval_dataset_path.")
     if problems:
         raise ValueError("invalid flags:\n  - " + "\n  - ".join(problems))
+
+
+def check_model_path(value: str) -> None:
+    """A local model must be a folder with config.json; anything else must read as a hub id. Checked before
+    the output folder is made, so a typo costs nothing."""
+    path = Path(value).expanduser()
+    expected = "expected a folder with config.json, or a hub id (owner/name)"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model_name_or_path {value}: no model in this folder (no config.json); {expected}.")
+    elif path.exists() or not looks_like_hub_id(value, bare_names=True):
+        raise ValueError(f"--model_name_or_path {value}: no model at {path}; {expected}.")
+
+
+#: what a finished or interrupted run leaves in its output folder
+RUN_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> list[Path]:
+    """Refuse to write a new run over another one unless asked; returns what ``--overwrite_output_dir`` replaces."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not output_dir.exists():
+        return []
+    if not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file; choose a folder.")
+    previous = sorted(p for p in output_dir.iterdir()
+                      if p.name in RUN_FILES or (p.is_dir() and p.name.startswith(PREFIX_CHECKPOINT_DIR + "-")))
+    if previous and resume is None and not overwrite:
+        raise ValueError(
+            f"--output_dir {output_dir} holds another run ({', '.join(p.name for p in previous[:4])}). Continue it with "
+            "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or pick another --output_dir.")
+    return previous if resume is None else []
 
 
 def resolve_checkpoint(value: str | None, output_dir: Path) -> str | None:
@@ -154,7 +192,7 @@ def _peft_config(model_args, task_type: str):
     return get_peft_config(settings)
 
 
-def _sft(data, args, model_args, settings: AdaPreLoRASettings, resume: str | None, loaded) -> RunResult:
+def _sft(data, args, model_args, settings: AdaPreLoRASettings, resume: str | None, loaded, should_stop) -> RunResult:
     from transformers import AutoModelForCausalLM
 
     from .sft_trainer import AdaPreLoRASFTTrainer
@@ -164,15 +202,17 @@ def _sft(data, args, model_args, settings: AdaPreLoRASettings, resume: str | Non
     if fmt == "messages" and tokenizer.chat_template is None and args.chat_template_path is None:
         raise DataError(f"{source} holds chat messages, but the tokenizer of {model_args.model_name_or_path} has no chat "
                         "template: use a chat (instruct) model or pass --chat_template_path.")
-    args.assistant_only_loss = fmt == "messages"  # loss on the assistant turns; TRL masks prompt-completion itself
+    if args.assistant_only_loss is None:  # unset: the assistant turns of chat rows; TRL masks prompt-completion itself
+        args.assistant_only_loss = fmt == "messages"
     _set_eval_strategy(args, evals)
     trainer = AdaPreLoRASFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
-        peft_config=_peft_config(model_args, "CAUSAL_LM"), optimizer_name=data.optimizer, adaprelora=settings)
+        peft_config=_peft_config(model_args, "CAUSAL_LM"), optimizer_name=data.optimizer, adaprelora=settings,
+        should_stop=should_stop)
     return _train_and_save(trainer, tokenizer, data, args, model_args, settings, resume, fmt, source, evals)
 
 
-def _classify(data, args, model_args, settings: AdaPreLoRASettings, resume: str | None, loaded) -> RunResult:
+def _classify(data, args, model_args, settings: AdaPreLoRASettings, resume: str | None, loaded, should_stop) -> RunResult:
     import numpy as np
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
@@ -202,7 +242,7 @@ def _classify(data, args, model_args, settings: AdaPreLoRASettings, resume: str 
     trainer = AdaPreLoRATrainer(
         model=get_peft_model(model, _peft_config(model_args, "SEQ_CLS")), args=args, train_dataset=train,
         eval_dataset=evals, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy, optimizer_name=data.optimizer, adaprelora=settings)
+        compute_metrics=accuracy, optimizer_name=data.optimizer, adaprelora=settings, should_stop=should_stop)
     return _train_and_save(trainer, tokenizer, data, args, model_args, settings, resume, fmt, source, evals)
 
 
@@ -217,7 +257,8 @@ def _set_eval_strategy(args, evals) -> None:
 
 def _train_and_save(trainer, tokenizer, data, args, model_args, settings, resume, fmt, source, evals) -> RunResult:
     trainer.train(resume_from_checkpoint=resume)
-    metrics = trainer.evaluate() if evals is not None else {}
+    stopped = getattr(trainer, "stopped_early", False)  # asked to stop: save, skip the final eval and merge
+    metrics = trainer.evaluate() if evals is not None and not stopped else {}
     out = Path(args.output_dir)
     trainer.save_model(str(out))  # the adapter (adapter_config.json, adapter_model.safetensors), the tokenizer
     if trainer.is_world_process_zero():
@@ -234,62 +275,60 @@ def _train_and_save(trainer, tokenizer, data, args, model_args, settings, resume
             base_model=model_args.model_name_or_path, command="classify" if fmt == "classify" else "sft", data=source,
             data_format=fmt, settings=card_settings, metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
             steps=trainer.state.global_step))
-        if data.merge:
+        if data.merge and not stopped:
             merged = trainer.model.merge_and_unload()
             merged.save_pretrained(str(out / "merged"))
             tokenizer.save_pretrained(str(out / "merged"))
     return RunResult(trainer, out, metrics, fmt)
 
 
-def run(command: str, argv: list[str]) -> RunResult:
-    """Parse ``argv`` for ``command`` and train; raises ValueError for bad flags or data."""
+def run(command: str, argv: list[str], should_stop: Callable[[], bool] | None = None) -> RunResult:
+    """Parse ``argv`` for ``command`` and train; raises ValueError for bad flags or data (before anything is
+    written). ``should_stop()`` turning true ends the run after the current step with a checkpoint."""
     from .config import build_parser
 
     parser = build_parser(command)
     data, args, model_args, adaprelora = parser.parse_args_and_config(argv)
     settings = adaprelora.settings()
     check_flags(command, data, args, model_args)
+    check_model_path(model_args.model_name_or_path)
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    replaced = check_output_dir(output_dir, resume, data.overwrite_output_dir)
     loaded = _keep_format_columns(_load_data(data, classify=command == "classify"))  # bad data: nothing written yet
     main_process = int(os.environ.get("RANK", "0")) == 0
     lock = OutputLock(output_dir).acquire() if main_process else None  # before anything is written there
     try:
-        return (_sft if command == "sft" else _classify)(data, args, model_args, settings, resume, loaded)
+        if lock is not None:
+            for old in replaced:  # --overwrite_output_dir: the old run's adapter and checkpoints go
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        return (_sft if command == "sft" else _classify)(data, args, model_args, settings, resume, loaded, should_stop)
     finally:
         if lock is not None:
             lock.release()
+
+
+#: values of transformers' own ``--debug`` (a bare ``--debug`` is ours: print the traceback of an error)
+_TRANSFORMERS_DEBUG = ("underflow_overflow", "tpu_metrics_debug")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return EXIT_OK if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    command, rest = argv[0], argv[1:]
-    show_traceback = "--traceback" in rest
+    command, (rest, debug) = argv[0], pop_debug_flag(argv[1:], values=_TRANSFORMERS_DEBUG)
     started = time.perf_counter()
     try:
-        result = run(command, rest)
-    except (DataError, ValueError) as err:  # bad flags or data: nothing was trained
-        if show_traceback:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (TrainingError, OSError, RuntimeError, ImportError) as err:
-        if show_traceback:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # a library error no message of ours covers: one line unless --traceback
-        if show_traceback:
-            traceback.print_exc()
-        print(f"error: {type(err).__name__}: {err} (rerun with --traceback for the traceback, and please report it)",
-              file=sys.stderr)
-        return 1
+        with StopSignals() as stop:
+            result = run(command, rest, should_stop=stop)
+    except (Exception, KeyboardInterrupt) as err:  # every error: one line and an exit status (engine.command)
+        return report_error(err, debug=debug)
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()
                         if k in ("eval_loss", "eval_accuracy", "eval_mean_token_accuracy"))
-    print(f"done: {result.trainer.state.global_step} steps in {time.perf_counter() - started:.0f}s"
-          f"{'; ' + metrics if metrics else ''}; adapter: {result.output_dir}")
-    return 0
+    stopped = getattr(result.trainer, "stopped_early", False)
+    print(f"{'stopped early' if stopped else 'done'}: {result.trainer.state.global_step} steps in "
+          f"{time.perf_counter() - started:.0f}s{'; ' + metrics if metrics else ''}; adapter: {result.output_dir}"
+          + (f"; continue with --resume_from_checkpoint latest" if stopped else ""))
+    return stop.exit_status if stopped else EXIT_OK

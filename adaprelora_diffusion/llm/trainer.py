@@ -11,11 +11,20 @@ the optimizer with `make_optimizer` and handles what a LoRA-pair optimizer needs
   per step). The mixin calls the optimizer's own ``zero_grad`` after every step, applied or not.
 * DeepSpeed ZeRO and FSDP shard parameters and gradients; a LoRA-pair optimizer needs each
   factor and its gradient whole. They are refused with an error that says what is supported.
+
+And what the engine gives every trainer here: a clean stop when ``should_stop()`` turns true
+(the step finishes, a checkpoint is written, ``train()`` returns with ``stopped_early``), and the
+divergence check (engine/divergence.py), which raises `DivergenceError` naming the lr.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from transformers import Trainer, TrainerCallback
+
+from ..engine.divergence import DivergenceCheck
 
 from ..optim import OPTIMIZERS, make_optimizer
 from ..optim.base import LoraPairOptimizer
@@ -62,6 +71,25 @@ class _OptimizerZeroGrad(TrainerCallback):
         self._zero(optimizer)
 
 
+class _StopWhenAsked(TrainerCallback):
+    """After each optimizer step: if ``should_stop()`` (on any rank), save a checkpoint and end training."""
+
+    def __init__(self, trainer, should_stop: Callable[[], bool]):
+        self.trainer, self.should_stop = trainer, should_stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        asked = bool(self.should_stop())
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(asked)], device=accelerator.device)
+            asked = bool(accelerator.reduce(flag, "max").item())
+        if asked and state.global_step < state.max_steps:
+            self.trainer.stopped_early = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 #: optimizers that step each (A, B) pair jointly and so need each factor and gradient whole
 PAIR_OPTIMIZERS = ("adaprelora", "lorapro")
 
@@ -74,7 +102,8 @@ class AdaPreLoRAMixin:
     them all. An optimizer passed as ``optimizers=(opt, None)`` is used as it is.
     """
 
-    def __init__(self, *args, optimizer_name: str = "adaprelora", adaprelora: AdaPreLoRASettings | None = None, **kwargs):
+    def __init__(self, *args, optimizer_name: str = "adaprelora", adaprelora: AdaPreLoRASettings | None = None,
+                 should_stop: Callable[[], bool] | None = None, check_divergence: bool = True, **kwargs):
         if optimizer_name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer_name {optimizer_name!r}; choose one of: {', '.join(OPTIMIZERS)}.")
         if kwargs.get("optimizer_cls_and_kwargs") is not None:
@@ -82,9 +111,14 @@ class AdaPreLoRAMixin:
                              "to pass optimizer_cls_and_kwargs, use transformers' Trainer (or TRL's SFTTrainer) itself.")
         self.optimizer_name = optimizer_name
         self.adaprelora = adaprelora if adaprelora is not None else AdaPreLoRASettings()
+        self.stopped_early = False
         super().__init__(*args, **kwargs)
         self._check_supported()
         self.add_callback(_OptimizerZeroGrad())
+        if should_stop is not None:
+            self.add_callback(_StopWhenAsked(self, should_stop))
+        self.divergence = DivergenceCheck(lr=self.args.learning_rate) if check_divergence else None
+        self._checked_step = -1
 
     def _check_supported(self) -> None:
         pair = (isinstance(self.optimizer, LoraPairOptimizer)
@@ -104,6 +138,36 @@ class AdaPreLoRAMixin:
                 f"args.optim={getattr(self.args.optim, 'value', self.args.optim)!r} would be ignored: leave optim at its default and choose the "
                 "optimizer with optimizer_name (on the command line: --optimizer)."
             )
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
+        if self.divergence is not None and self._checked_step != step and self.divergence.due(step):
+            self._checked_step = step  # the step's first micro-batch
+            self._check_divergence(model, inputs, step)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def _check_divergence(self, model, inputs, step: int) -> None:
+        """The divergence check (engine/divergence.py): this micro-batch's loss with the adapter and with it
+        switched off, in eval mode, without gradients or a change to the random streams; averaged over ranks."""
+        inner = self.accelerator.unwrap_model(model)
+        if not hasattr(inner, "disable_adapter"):
+            return  # not a peft model: no base to compare against
+        inputs = self._prepare_inputs(inputs)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        was_training = inner.training
+        inner.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices), self.compute_loss_context_manager():
+                trained = inner(**inputs).loss.detach().float()
+                with inner.disable_adapter():
+                    base = inner(**inputs).loss.detach().float()
+        finally:
+            inner.train(was_training)
+        pair = self.accelerator.reduce(torch.stack([trained, base]), "mean")
+        trained_loss, base_loss = pair.tolist()
+        if self.divergence.record(step, trained_loss, base_loss):
+            out = self.args.output_dir if self.is_world_process_zero() else None
+            raise self.divergence.error(out, resume_with_new_lr=False)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
