@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..engine.model_source import HUB_ID as _HUB_ID  # noqa: F401 - app/models.py reads it from here
 from ..engine.model_source import looks_like_hub_id
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import TextIO
 from .errors import TrainingError
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_SIGINT", "EXIT_SIGTERM", "DEBUG_FLAG", "exit_status",
-           "error_line", "report_error", "pop_debug_flag"]
+           "error_text", "error_line", "report_error", "pop_debug_flag"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
@@ -47,15 +47,17 @@ def exit_status(err: BaseException) -> int:
     return EXIT_FAILED
 
 
-def error_line(err: BaseException) -> str:
-    """What the command prints for ``err``: ``error: ...``, or ``aborted: ...`` for a second Ctrl-C."""
-    if isinstance(err, KeyboardInterrupt):
-        return ABORTED
+def error_text(err: BaseException) -> str:
+    """The sentence for ``err`` (what a job's state records; the command prints it after ``error: ``)."""
     text = str(err).strip()
     if isinstance(err, _EXPECTED) and text:
-        return f"error: {text}"
-    return (f"error: {type(err).__name__}{': ' + text if text else ''} (rerun with {DEBUG_FLAG} for the traceback, "
-            "and please report it)")
+        return text
+    return f"{type(err).__name__}{': ' + text if text else ''} (rerun with {DEBUG_FLAG} for the traceback, and please report it)"
+
+
+def error_line(err: BaseException) -> str:
+    """What the command prints for ``err``: ``error: ...``, or ``aborted: ...`` for a second Ctrl-C."""
+    return ABORTED if isinstance(err, KeyboardInterrupt) else f"error: {error_text(err)}"
 
 
 def report_error(err: BaseException, debug: bool = False, stream: TextIO | None = None) -> int:
