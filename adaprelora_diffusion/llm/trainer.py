@@ -9,8 +9,9 @@ the optimizer with `make_optimizer` and handles what a LoRA-pair optimizer needs
   next step would read the skipped step's inf statistics and be skipped as well), and it unhooks
   the factors' ``.grad`` from the stacked buffers the batched step reads (still correct, one copy
   per step). The mixin calls the optimizer's own ``zero_grad`` after every step, applied or not.
-* DeepSpeed ZeRO and FSDP shard parameters and gradients; a LoRA-pair optimizer needs each
-  factor and its gradient whole. They are refused with an error that says what is supported.
+* FSDP2 would shard the LoRA factors, which a LoRA-pair optimizer steps whole: the trainable
+  parameters are kept out of FSDP and averaged over ranks like DDP (sharding.py); FSDP1 and
+  DeepSpeed ZeRO are refused with an error that says what is supported.
 
 And what the engine gives every trainer here: a clean stop when ``should_stop()`` turns true
 (the step finishes, a checkpoint is written, ``train()`` returns with ``stopped_early``), and the
@@ -25,10 +26,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..engine.divergence import DivergenceCheck
-
 from ..optim import OPTIMIZERS, make_optimizer
 from ..optim.base import LoraPairOptimizer
 from .settings import AdaPreLoRASettings, optimizer_settings
+from .sharding import (average_gradients_when_synced, deepspeed_refusal, fsdp1_refusal, fsdp2_resume_refusal,
+                       keep_trainable_whole)
 
 __all__ = ["AdaPreLoRAMixin", "AdaPreLoRATrainer", "MakeOptimizer", "optimizer_cls_and_kwargs"]
 
@@ -112,6 +114,8 @@ class AdaPreLoRAMixin:
         self.optimizer_name = optimizer_name
         self.adaprelora = adaprelora if adaprelora is not None else AdaPreLoRASettings()
         self.stopped_early = False
+        self._replicated: list[torch.nn.Parameter] = []  # trainable parameters FSDP2 leaves whole (sharding.py)
+        self._kept_whole = False
         super().__init__(*args, **kwargs)
         self._check_supported()
         self.add_callback(_OptimizerZeroGrad())
@@ -123,14 +127,14 @@ class AdaPreLoRAMixin:
     def _check_supported(self) -> None:
         pair = (isinstance(self.optimizer, LoraPairOptimizer)
                 or (self.optimizer is None and self.optimizer_name in PAIR_OPTIMIZERS))
-        sharded = [name for name, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled)) if on]
-        if pair and sharded:
-            raise ValueError(
-                f"{sharded[0]} is not supported with optimizer {self.optimizer_name!r}: it shards the LoRA factors and "
-                "their gradients, and this optimizer steps each (A, B) pair whole. Supported: one device, or data "
-                "parallelism (DDP: torchrun / accelerate launch without a DeepSpeed or FSDP config). To shard, use "
-                "another optimizer (optimizer_name='adamw') or train with transformers' Trainer and its own optimizer."
-            )
+        if pair and self.is_deepspeed_enabled:
+            raise ValueError(deepspeed_refusal(self.optimizer_name))
+        if pair and self.is_fsdp_enabled:
+            plugin = self.accelerator.state.fsdp_plugin
+            if getattr(plugin, "fsdp_version", 1) != 2:
+                raise ValueError(fsdp1_refusal(self.optimizer_name))
+            self._replicated = keep_trainable_whole(plugin, self.model)
+            self._kept_whole = True
         default_optim = type(self.args).__dataclass_fields__["optim"].default
         if self.optimizer is None and self.args.optim != default_optim:
             raise ValueError(
@@ -139,7 +143,15 @@ class AdaPreLoRAMixin:
                 "optimizer with optimizer_name (on the command line: --optimizer)."
             )
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self._kept_whole and resume_from_checkpoint:
+            raise ValueError(fsdp2_resume_refusal(self.optimizer_name))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def training_step(self, model, inputs, *args, **kwargs):
+        if self._replicated:  # FSDP2 is prepared by now: make the whole parameters DDP-like, once
+            average_gradients_when_synced(self._replicated, lambda: self.accelerator.sync_gradients)
+            self._replicated = []
         step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
         if self.divergence is not None and self._checked_step != step and self.divergence.due(step):
             self._checked_step = step  # the step's first micro-batch
