@@ -13,6 +13,7 @@ tokenizer, a model card and, with ``--merge``, the merged model.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -52,8 +53,9 @@ class RunResult:
 
 
 # -- flags ------------------------------------------------------------------------------------
-def check_flags(command: str, data, args, model) -> None:
+def check_flags(command: str, data, args, model, settings: AdaPreLoRASettings | None = None) -> None:
     """Reject bad or unsupported flags before anything is loaded, each with the fix."""
+    from .sharding import deepspeed_refusal
     from .trainer import PAIR_OPTIMIZERS
 
     problems = []
@@ -71,9 +73,17 @@ def check_flags(command: str, data, args, model) -> None:
     need(model.lora_r >= 1, f"--lora_r must be >= 1, got {model.lora_r}.")
     need(model.lora_alpha > 0, f"--lora_alpha must be > 0, got {model.lora_alpha}.")
     need(0.0 <= model.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {model.lora_dropout}.")
-    need(not (model.load_in_4bit or model.load_in_8bit),
-         "--load_in_4bit/--load_in_8bit are not supported: quantized layers are not plain Linear layers, so the "
-         "LoRA-pair optimizers cannot pair their factors. Train in bf16 (--dtype bfloat16) instead.")
+    if model.load_in_4bit or model.load_in_8bit:
+        flag = "--load_in_4bit" if model.load_in_4bit else "--load_in_8bit"
+        need(importlib.util.find_spec("bitsandbytes") is not None,
+             f"{flag} needs bitsandbytes: pip install 'adaprelora-diffusion[qlora]'.")
+        need(not model.load_in_4bit or model.dtype in ("bfloat16", "float16", "float32"),
+             f"--load_in_4bit computes in --dtype (as trl sft does): give --dtype bfloat16 (or float16, float32), "
+             f"not {model.dtype}.")
+        need(not (settings is not None and settings.scale_parameter and data.optimizer == "adaprelora"),
+             f"--adaprelora_scale_parameter with {flag}: it scales each step by the base weight's RMS, and a quantized "
+             "base weight is not stored as floats. Leave --adaprelora_scale_parameter off.")
+    need(not (args.deepspeed and data.optimizer in PAIR_OPTIMIZERS), deepspeed_refusal(data.optimizer, "--deepspeed"))
     need(not (model.use_dora and data.optimizer in PAIR_OPTIMIZERS),
          f"--use_dora with --optimizer {data.optimizer}: DoRA changes the layer's forward map, which the closed-form "
          "step does not cover, so every factor would train with AdamW. Use --optimizer adamw for DoRA.")
@@ -85,6 +95,23 @@ def check_flags(command: str, data, args, model) -> None:
     need(strategy != "no" or args.eval_steps is None or has_evals, "--eval_steps needs held-out data: add --eval_dataset_path.")
     if problems:
         raise ValueError("invalid flags:\n  - " + "\n  - ".join(problems))
+
+
+def _refuse_deepspeed_before_parsing(argv: list[str]) -> None:
+    """``--deepspeed`` with a pair optimizer, refused before transformers parses it (parsing imports DeepSpeed,
+    whose absence would be the error instead of the real reason). A DeepSpeed config given otherwise
+    (``--config`` file, accelerate's config) is refused by `check_flags` or the trainer."""
+    from .sharding import deepspeed_refusal
+    from .trainer import PAIR_OPTIMIZERS
+
+    optimizer = "adaprelora"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--optimizer="):
+            optimizer = arg.split("=", 1)[1]
+        elif arg == "--optimizer" and i + 1 < len(argv):
+            optimizer = argv[i + 1]
+    if optimizer in PAIR_OPTIMIZERS and any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
+        raise ValueError(deepspeed_refusal(optimizer, "--deepspeed"))
 
 
 def check_model_path(value: str) -> None:
@@ -166,16 +193,28 @@ def _keep_format_columns(loaded):
     return train, evals, fmt, source
 
 
-def _load_pretrained(loader, model_args, **kwargs):
+def _load_pretrained(loader, model_args, args, **kwargs):
+    """The model and tokenizer; with ``--load_in_4bit``/``--load_in_8bit`` the base model is quantized by
+    bitsandbytes (TRL's `get_quantization_config`: compute dtype ``--dtype``) on this process's device and
+    prepared by peft's `prepare_model_for_kbit_training` (frozen, norms and embeddings in float32)."""
     from transformers import AutoTokenizer
+    from trl import get_quantization_config
 
     path = model_args.model_name_or_path
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:  # bnb layers cannot be moved after loading: load each process's copy in place
+        kwargs.update(quantization_config=quantization, device_map={"": args.device})
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
         model = loader.from_pretrained(path, revision=model_args.model_revision, dtype=model_args.dtype,
                                        attn_implementation=model_args.attn_implementation, **kwargs)
     except OSError as err:
         raise ValueError(f"--model_name_or_path {path}: could not load a model and tokenizer ({err}).") from err
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing),
+                                                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     if tokenizer.pad_token is None:  # batches need padding; the usual choice for decoder-only models
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -198,7 +237,7 @@ def _sft(data, args, model_args, settings: AdaPreLoRASettings, resume: str | Non
     from .sft_trainer import AdaPreLoRASFTTrainer
 
     train, evals, fmt, source = loaded
-    model, tokenizer = _load_pretrained(AutoModelForCausalLM, model_args)
+    model, tokenizer = _load_pretrained(AutoModelForCausalLM, model_args, args)
     if fmt == "messages" and tokenizer.chat_template is None and args.chat_template_path is None:
         raise DataError(f"{source} holds chat messages, but the tokenizer of {model_args.model_name_or_path} has no chat "
                         "template: use a chat (instruct) model or pass --chat_template_path.")
@@ -221,7 +260,7 @@ def _classify(data, args, model_args, settings: AdaPreLoRASettings, resume: str 
     train, evals, fmt, source = loaded
     labels = label_names(train, evals)
     index = {label: i for i, label in enumerate(labels)}
-    model, tokenizer = _load_pretrained(AutoModelForSequenceClassification, model_args, num_labels=len(labels),
+    model, tokenizer = _load_pretrained(AutoModelForSequenceClassification, model_args, args, num_labels=len(labels),
                                         id2label={i: str(v) for i, v in enumerate(labels)},
                                         label2id={str(v): i for i, v in enumerate(labels)})
 
@@ -287,10 +326,11 @@ def run(command: str, argv: list[str], should_stop: Callable[[], bool] | None = 
     written). ``should_stop()`` turning true ends the run after the current step with a checkpoint."""
     from .config import build_parser
 
+    _refuse_deepspeed_before_parsing(argv)
     parser = build_parser(command)
     data, args, model_args, adaprelora = parser.parse_args_and_config(argv)
     settings = adaprelora.settings()
-    check_flags(command, data, args, model_args)
+    check_flags(command, data, args, model_args, settings)
     check_model_path(model_args.model_name_or_path)
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir)

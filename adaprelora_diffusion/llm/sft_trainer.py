@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:
     from trl import SFTTrainer
 except ImportError as err:  # pragma: no cover - exercised only without the extra
@@ -17,7 +19,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       "pip install 'adaprelora-diffusion[llm]'") from err
 
 from .chat_masks import needs_turn_masks, turn_masks
-from .trainer import AdaPreLoRAMixin
+from .trainer import PAIR_OPTIMIZERS, AdaPreLoRAMixin
 
 __all__ = ["AdaPreLoRASFTTrainer"]
 
@@ -44,6 +46,18 @@ class AdaPreLoRASFTTrainer(AdaPreLoRAMixin, SFTTrainer):
         if self._turn_masks:
             sft_args.assistant_only_loss = False  # TRL would refuse the template; the masks come from turn_masks
         super().__init__(*args, **kwargs)
+        self._keep_float32_factors()
+
+    def _keep_float32_factors(self) -> None:
+        """Undo TRL's bf16 cast of the adapter on a quantized (QLoRA) model for the pair optimizers: a bf16
+        factor keeps 8 bits of mantissa, so steps under 1/256 of a weight round away; float32 factors cost
+        a few MB. (AdamW keeps TRL's choice, so ``--optimizer adamw`` still reproduces ``trl sft``.)"""
+        model = self.model
+        if self.optimizer_name in PAIR_OPTIMIZERS and (getattr(model, "is_loaded_in_4bit", False)
+                                                       or getattr(model, "is_loaded_in_8bit", False)):
+            for param in model.parameters():
+                if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+                    param.data = param.data.float()
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         columns = getattr(dataset, "column_names", None) or []

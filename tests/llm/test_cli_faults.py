@@ -184,3 +184,15 @@ def test_sigterm_saves_the_step_and_the_adapter_and_resumes_bit_identically(tmp_
     two = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert any(not torch.equal(saved[k], one[k]) for k in one)  # the stop's adapter was the partial one
+
+
+def test_deepspeed_is_refused_before_anything_loads_whether_or_not_it_is_installed(tmp_path, tiny_llama_dir, capsys):
+    """Parsing --deepspeed imports DeepSpeed; the refusal comes first, so its absence is not the error shown."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    data = write_jsonl(tmp_path / "text.jsonl", [TEXT] * 4)
+    assert main(["sft", *quick(tiny_llama_dir, data, tmp_path / "out", "--deepspeed", str(config))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --deepspeed with --optimizer adaprelora: DeepSpeed ZeRO gives the optimizer flat")
+    assert "FSDP2" in err and "--optimizer adamw" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
