@@ -120,7 +120,9 @@ def test_errors_are_one_line_without_debug(tmp_path, tiny_pipeline_dir):
     args = [sys.executable, "train_dreambooth.py", "--pretrained_model_name_or_path", str(tmp_path / "no" / "such" / "model"),
             "--output_dir", str(tmp_path / "o")]
     done = subprocess.run(args, cwd=ROOT, env=env_for(tiny_pipeline_dir), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+    # a wrong model path is bad input, refused before training: exit 2 (engine/command.py), as in every command
+    assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 def test_a_diverging_lr_on_the_demo_model_ends_with_an_error_naming_it(tmp_path, tiny_pipeline_dir):
