@@ -27,7 +27,12 @@ def feed(check, pairs):
 
 def test_the_demo_runs_checks_never_fire():
     check = DivergenceCheck(lr=1e-3)
-    assert feed(check, [p for p in DEMO_RUN if check.due(p[0])]) is None
+    windows = []
+    for pair in (p for p in DEMO_RUN if check.due(p[0])):
+        assert not check.record(*pair)
+        if len(check.pairs) >= check.checks:
+            windows.append(check.ratio())
+    assert max(windows) == pytest.approx(0.618, abs=1e-3)  # the README's "worst window 0.62x": half the limit
     assert [p[0] for p in DEMO_RUN if check.due(p[0])][:5] == [100, 125, 150, 175, 200]  # the first verdict at 200
 
 

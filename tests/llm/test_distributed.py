@@ -78,9 +78,9 @@ def test_fsdp2_shards_the_base_model_and_matches_one_process(tmp_path, tiny_llam
     kept whole on every rank and their gradients averaged, so 2 processes step like 1. tests/llm/cpu_fsdp.py
     lets accelerate keep FSDP on CPU processes (it offers FSDP only for GPUs); the rest is the shipped path."""
     config = tmp_path / "fsdp.json"
-    config.write_text(json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}))
+    config.write_text(json.dumps({"version": 2}))  # docs/llm.md's recipe: wraps the model's decoder layers
     out = tmp_path / "fsdp"
-    log = two_processes(out, tiny_llama_dir, text_data, "--fsdp", "full_shard", "--fsdp_config", str(config),
+    log = two_processes(out, tiny_llama_dir, text_data, "--fsdp", "--fsdp_config", str(config),
                         "--save_steps", "3", script=(str(ROOT / "tests" / "llm" / "cpu_fsdp.py"),))
     assert "FSDP2: 28 trainable parameters (" in log and "kept whole on every rank" in log
     assert (out / "checkpoint-3" / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP checkpoint path ran
