@@ -51,8 +51,7 @@ class AdaPreLoRASFTTrainer(AdaPreLoRAMixin, SFTTrainer):
     def _keep_float32_factors(self) -> None:
         """Undo TRL's bf16 cast of the adapter on a quantized (QLoRA) model for the pair optimizers: a bf16
         factor keeps 8 bits of mantissa, so steps under 1/256 of a weight round away; float32 costs 2 bytes
-        more per LoRA value (80 MB for a Llama-7B shape at rank 16). AdamW keeps TRL's choice, so
-        ``--optimizer adamw`` still reproduces ``trl sft``."""
+        more per LoRA value (80 MB for a Llama-7B shape at rank 16). AdamW keeps TRL's choice."""
         model = self.model
         if self.optimizer_name in PAIR_OPTIMIZERS and (getattr(model, "is_loaded_in_4bit", False)
                                                        or getattr(model, "is_loaded_in_8bit", False)):
