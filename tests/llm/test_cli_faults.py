@@ -156,18 +156,22 @@ def test_sigterm_saves_the_step_and_the_adapter_and_resumes_bit_identically(tmp_
 
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": f"the {w} is big and the dog is small ."} for w in
                                               "cat dog bird fish cow horse robot sun".split()])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     common = ["--max_steps", "400", "--save_strategy", "no", "--lr_scheduler_type", "constant",
               "--logging_steps", "1", "--disable_tqdm", "true"]
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "adaprelora_diffusion.llm", "sft", *quick(tiny_llama_dir, data, out, *common)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("runs/*")) and not (out / ".adaprelora.lock").exists():
-        time.sleep(0.2)
-    time.sleep(8)  # into the steps
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=180)
+    log = tmp_path / "stdout.txt"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        # SIGTERM once the first step is logged: a fixed wait could land before the handler or after the last
+        # step (the 400 tiny steps take seconds), whatever the machine's speed
+        while time.time() < deadline and proc.poll() is None and "'loss'" not in log.read_text():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    stdout = log.read_text()
     assert proc.returncode == 143, stderr[-3000:]
     assert "SIGTERM: stopping after this step" in stderr and "Traceback" not in stderr
     assert stdout.strip().splitlines()[-1].startswith("stopped early: ")
