@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-file-mb", type=float, default=25.0, help="largest upload, per file")
     parser.add_argument("--max-upload-mb", type=float, default=300.0, help="largest set of photos, in all")
     parser.add_argument("--max-files", type=int, default=100, help="most photos in one job")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (otherwise one line)")
     return parser
 
 
@@ -44,7 +45,7 @@ def parse_auth(values: list[str], env: str | None) -> list[tuple[str, str]]:
     for pair in pairs:
         user, sep, password = pair.strip().partition(":")
         if not sep or not user or not password:
-            raise SystemExit(f"error: --auth / {AUTH_ENV} entries must look like user:password, got {pair.strip()[:40]!r}.")
+            raise ValueError(f"--auth / {AUTH_ENV} entries must look like user:password, got {pair.strip()[:40]!r}.")
         out.append((user, password))
     return out
 
@@ -53,13 +54,8 @@ def launch(args: argparse.Namespace, block: bool = True):
     """Build the workspace, the queue and the page, and serve it (Gradio's server, queue, auth and file serving)."""
     from .workspace import Workspace
 
-    from .errors import AppError
-
     ws = Workspace.open(args.workspace)
-    try:
-        app_lock = ws.hold_app_lock()  # kept open (and locked) until the process ends
-    except AppError as err:
-        raise SystemExit(f"error: {err}") from None
+    app_lock = ws.hold_app_lock()  # kept open (and locked) until the process ends; AppError: another app holds it
     # Gradio keeps uploads in its temp folder: inside the workspace, so photos never land elsewhere.
     os.environ["GRADIO_TEMP_DIR"] = str(ws.gradio_dir)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -94,10 +90,15 @@ def launch(args: argparse.Namespace, block: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from adaprelora_diffusion.engine.command import EXIT_OK, report_error
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    launch(args)
-    return 0
+    try:
+        launch(args)
+    except (Exception, KeyboardInterrupt) as err:  # one line and an exit status, as every command (engine.command)
+        return report_error(err, debug=args.debug)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from adaprelora_diffusion.dreambooth.model_loading import (_HUB_ID, SINGLE_FILE_SUFFIXES, check_single_file,
+from adaprelora_diffusion.engine.model_source import looks_like_hub_id
+from adaprelora_diffusion.dreambooth.model_loading import (SINGLE_FILE_SUFFIXES, check_single_file,
                                                            resolve_model_source)
 
 from .errors import AppError
@@ -79,7 +80,7 @@ def resolve_model(value: object, model_dirs: Sequence[Path]) -> str | None:
         raise AppError(f"settings['pretrained_model_name_or_path'] must be a string, got {type(value).__name__}.")
     raw = value.strip()
     local = _inside(raw, model_dirs)
-    hub_like = bool(_HUB_ID.match(raw)) and not raw.startswith((".", "~", "/")) and ".." not in raw
+    hub_like = looks_like_hub_id(raw) and ".." not in raw
     if local is None or (hub_like and not local.exists()):
         if hub_like:
             _check_hub(raw)

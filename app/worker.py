@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+from adaprelora_diffusion.engine.command import error_text
 from adaprelora_diffusion.engine.lock import try_lock
 
 from . import jobs
@@ -121,19 +122,17 @@ def _hold_lock(job_dir: Path) -> int:
 
 
 def _train(job_dir: Path) -> tuple[jobs.JobState, str | None]:
-    """Run the trainer; (final state, error message). Errors are one line, as the CLI prints them."""
-    from adaprelora_diffusion.dreambooth import TrainingError, train
+    """Run the trainer; (final state, error message). Errors are one line, as the commands print them
+    (engine.command); the log keeps the traceback."""
+    from adaprelora_diffusion.dreambooth import train
 
     stop = StopRequest(job_dir)
     try:
         config = job_config(job_dir)
         result = train(config, progress=_LoggedEvents(job_dir / EVENTS_NAME), should_stop=stop)
-    except (TrainingError, ValueError, OSError, RuntimeError) as err:
+    except Exception as err:
         logger.error("%s", traceback.format_exc())
-        return jobs.JobState.FAILED, str(err)
-    except Exception as err:  # a library error none of the trainer's messages covers
-        logger.error("%s", traceback.format_exc())
-        return jobs.JobState.FAILED, f"{type(err).__name__}: {err}"
+        return jobs.JobState.FAILED, error_text(err)
     final = jobs.JobState.STOPPED if result.stopped_early else jobs.JobState.DONE
     logger.info("%s: %d steps in %.0fs; LoRA: %s", final.value, result.global_step, result.seconds, result.lora_path)
     return final, None

@@ -19,7 +19,8 @@ from pathlib import Path
 from ..engine.atomic import atomic_write_text
 from .lora_files import LORA_WEIGHT_NAME
 from ..engine.model_descriptor import model_descriptor
-from .model_loading import _HUB_ID, SINGLE_FILE_SUFFIXES, default_model
+from ..engine.model_source import looks_like_hub_id
+from .model_loading import SINGLE_FILE_SUFFIXES, default_model
 
 CARD_NAME = "README.md"
 LICENSE = "creativeml-openrail-m"
@@ -51,7 +52,7 @@ def base_model_kind(base_model: str | os.PathLike | None) -> str:
         return model_descriptor(path)["kind"]
     if raw.lower().endswith(SINGLE_FILE_SUFFIXES):
         return "single_file"
-    if not path.exists() and _HUB_ID.match(raw) and not raw.startswith((".", "~")):
+    if not path.exists() and looks_like_hub_id(raw):
         return "hub"
     return "folder"
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..engine.model_descriptor import model_descriptor
+from ..engine.model_source import looks_like_hub_id
 from ..engine.quiet_imports import quiet_image_processor_fallback
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ REQUIRED_COMPONENTS = {
     "tokenizer": None,  # tokenizer.json, or vocab.json + merges.txt (checked separately)
     "scheduler": "scheduler_config.json",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PIPELINE_LAYOUT = "model_index.json plus unet/, vae/, text_encoder/, tokenizer/ and scheduler/ sub-folders"
 
 
@@ -176,7 +175,7 @@ def resolve_model_source(pretrained_model_name_or_path: str | os.PathLike | None
         return "folder", folder
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         raise ValueError(f"Checkpoint file {path} does not exist (looked for {path.absolute()}): check the path.")
-    if _HUB_ID.match(raw) and not raw.startswith((".", "~")):
+    if looks_like_hub_id(raw):
         return "hub", raw
     raise ValueError(
         f"Model path {raw} does not exist (looked for {path.absolute()}) and is not a Hub id of the form owner/name: "

@@ -34,10 +34,11 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from ..engine.accelerator import check_ranks_in_sync, fresh_accelerator_state, let_collectives_settle
-from ..engine.checkpoints import (CheckpointError, LoopState, list_checkpoints, load_checkpoint, read_run_config,
+from ..engine.checkpoints import (LoopState, list_checkpoints, load_checkpoint, read_run_config,
                                   remove_stale_temporaries, resolve_checkpoint, save_checkpoint)
-from ..engine.lock import OutputLock
+from ..engine.divergence import DivergenceCheck
 from ..engine.errors import TrainingError
+from ..engine.lock import OutputLock
 from ..engine.nonfinite import NonFiniteGuard
 from ..engine.progress import ProgressEvent
 from ..engine.randomness import mix
@@ -99,6 +100,7 @@ class Run:
     validation_paths: list[Path] = field(default_factory=list)
     stopped: bool = False
     guard: NonFiniteGuard | None = None
+    divergence: DivergenceCheck | None = None
     lock: OutputLock | None = None
 
     @property
@@ -190,10 +192,7 @@ def _resolve(config: TrainConfig) -> tuple[TrainConfig, Path, Path | None, bool]
     scan_image_folder(config.instance_data_dir, role="instance")  # bad data fails before the model loads
     resume_path = None
     if config.resume_from_checkpoint:  # before loading anything: a wrong path fails fast
-        try:
-            resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
-        except CheckpointError as err:
-            raise TrainingError(str(err)) from err
+        resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
         if resume_path is None:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run.", output_dir)
     return config, output_dir, resume_path, sdxl
@@ -388,11 +387,8 @@ def _resume(run: Run, resume_path: Path | None) -> None:
         logger.warning("Resuming %s with changed settings, applied from its step on: %s.", resume_path, "; ".join(applied))
     scheduler = getattr(run.lr_scheduler, "scheduler", run.lr_scheduler)
     requested = list(scheduler.base_lrs)  # from this run's --learning_rate / --text_encoder_lr
-    try:
-        run.state = load_checkpoint(resume_path, params=run.params, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
-                                    scaler=run.accelerator.scaler)
-    except CheckpointError as err:
-        raise TrainingError(str(err)) from err
+    run.state = load_checkpoint(resume_path, params=run.params, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
+                                scaler=run.accelerator.scaler)
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
     for i, (group, new, old) in enumerate(zip(optimizer.param_groups, requested, list(scheduler.base_lrs))):
         if new != old:  # a LambdaLR-style schedule: lr = base_lr * factor(step), so rescaling is exact
@@ -420,6 +416,7 @@ def _train_steps(run: Run) -> None:
         config.max_consecutive_nonfinite,
         advice="Lower --learning_rate, set --max_grad_norm, or use --mixed_precision no; then resume from the last "
                "checkpoint (--resume_from_checkpoint latest --learning_rate <lower>).")
+    run.divergence = DivergenceCheck(lr=config.learning_rate)
     bar = tqdm(total=config.max_train_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     micro, step_losses, step_finite = 0, [], True
     try:
@@ -434,6 +431,8 @@ def _train_steps(run: Run) -> None:
                 batches_seen += 1
                 with accelerator.accumulate(*run.trained):
                     loss = _micro_step(run, batch, micro)
+                    if micro == 0 and run.divergence.due(state.global_step + 1):
+                        _check_divergence(run, batch, loss)
                     micro += 1
                     if loss is None:
                         step_finite = False
@@ -460,12 +459,17 @@ def _train_steps(run: Run) -> None:
         bar.close()
 
 
+def _positions(run: Run, batch) -> list[int]:
+    """Each instance row's position in the global batch (the key of its noise and timestep)."""
+    return [run.accelerator.process_index * run.config.train_batch_size + i for i in range(batch["num_instance"])]
+
+
 def _micro_step(run: Run, batch, micro: int) -> torch.Tensor | None:
     """Forward and backward of one micro-batch; None (and no backward) if its loss is not finite on some rank."""
     accelerator = run.accelerator
     for module in run.trained:
         module.train()
-    positions = [accelerator.process_index * run.config.train_batch_size + i for i in range(batch["num_instance"])]
+    positions = _positions(run, batch)
     torch.manual_seed(mix(run.config.seed, _RESEED, run.state.global_step, micro, accelerator.process_index))
     loss = micro_batch_loss(run, batch, positions, run.state.global_step, micro)
     finite = bool(accelerator.reduce(torch.tensor(float(torch.isfinite(loss)), device=run.device), "min") > 0)
@@ -473,6 +477,22 @@ def _micro_step(run: Run, batch, micro: int) -> torch.Tensor | None:
         return None
     accelerator.backward(loss)
     return loss.detach().float()
+
+
+def _check_divergence(run: Run, batch, loss: torch.Tensor | None) -> None:
+    """The divergence check (engine/divergence.py): this micro-batch's loss against the base model's on the
+    same latents, noise and timesteps (the keyed draws repeat), averaged over ranks; stops a diverged run
+    before its step is applied."""
+    m, step = run.models, run.state.global_step
+    cuda = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda), adapters_disabled(m.unet, *m.text_encoders):
+        base = micro_batch_loss(run, batch, _positions(run, batch), step, 0).detach().float()
+    trained = loss if loss is not None else torch.tensor(float("inf"), device=run.device)
+    pair = run.accelerator.reduce(torch.stack([trained.to(run.device), base.to(run.device)]), "mean")
+    trained, base = pair.tolist()
+    logger.debug("Divergence check at step %d: loss %.4g, base model %.4g.", step + 1, trained, base)
+    if run.divergence.record(step + 1, trained, base):
+        raise run.divergence.error(run.output_dir if run.is_main else None)
 
 
 def _optimizer_step(run: Run, grads_finite: bool) -> bool:
@@ -538,12 +558,9 @@ def _write_checkpoint(run: Run) -> Path | None:
     if not all(torch.isfinite(p).all() for p in run.params.values()):
         logger.warning("The LoRA weights are not finite at step %d: no checkpoint is written.", run.state.global_step)
         return None
-    try:
-        path = save_checkpoint(run.output_dir, run.state, params=run.params, optimizer=run.optimizer,
-                               lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
-                               total_limit=run.config.checkpoints_total_limit, run_config=dataclasses.asdict(run.config))
-    except CheckpointError as err:
-        raise TrainingError(str(err)) from err
+    path = save_checkpoint(run.output_dir, run.state, params=run.params, optimizer=run.optimizer,
+                           lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
+                           total_limit=run.config.checkpoints_total_limit, run_config=dataclasses.asdict(run.config))
     run.emit(ProgressEvent("checkpoint", run.state.global_step, run.config.max_train_steps, message=str(path)))
     return path
 

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import staged_dir
+from .errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ MANIFEST = "manifest.json"  # sha256 and size of every other file, written last:
 RUN_CONFIG = "run_config.json"  # the settings the run had when it wrote the checkpoint
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(TrainingError):
+    """A checkpoint that cannot be written or read; the message names the file and what is intact.
+    A `TrainingError`, so trainers and commands pass it on as it is."""
 
 
 @dataclass

@@ -48,10 +48,13 @@ def load_rows(path: str | Path):
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(_READERS)}.")
+    if not path.read_bytes().strip():
+        raise DataError(f"{path}: the file is empty; it needs one row per line (jsonl) or a table with a header.")
     try:
         rows = datasets.load_dataset(reader, data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parse errors in DatasetGenerationError without the row
-        raise DataError(f"{path}: could not be read: {_first_bad_line(path) or err}") from err
+        reason = _first_bad_line(path) or str(err).strip() or type(err).__name__
+        raise DataError(f"{path}: could not be read: {reason}") from err
     if len(rows) == 0:
         raise DataError(f"{path}: has no rows.")
     return rows

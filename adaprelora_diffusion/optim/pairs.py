@@ -4,10 +4,16 @@ peft keeps each adapter's factors as `layer.lora_A[adapter]` / `layer.lora_B[ada
 same `LoraLayer`, with the scale in `layer.scaling[adapter]` (alpha / r, or alpha / sqrt(r)
 with rsLoRA). Reading all three from the layer object is what makes the pairing robust to
 parameter order, tied modules and several adapters.
+
+peft's LoRA layers over bitsandbytes' 4-bit and 8-bit Linear (QLoRA) pair too: their LoRA path is
+the same `lora_B(lora_A(x)) * scaling` added to the base layer's output, so `s * B @ A` is the
+update of the (dequantized) weight and the closed form applies unchanged. bitsandbytes is
+optional, so those classes are looked up only once peft has imported them.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -51,13 +57,22 @@ class LoraPair:
         return t.reshape(t.shape[0], -1)
 
 
+def _quantized_linear_types() -> tuple[type, ...]:
+    """peft's LoRA layers over bitsandbytes' Linear4bit / Linear8bitLt, if peft has loaded them.
+
+    A model holding such layers was built through ``peft.tuners.lora.bnb``, so it is in
+    ``sys.modules``; looking it up there never imports bitsandbytes for a model without them."""
+    module = sys.modules.get("peft.tuners.lora.bnb")
+    return tuple(t for t in (getattr(module, "Linear4bit", None), getattr(module, "Linear8bitLt", None)) if t is not None)
+
+
 def _pairable(module: nn.Module, adapter: str) -> str | None:
     """Why this adapter of this layer cannot be treated as a plain `B @ A` pair, or None."""
     if adapter in getattr(module, "lora_variant", {}):
         # DoRA and other variants change the forward map, so the closed form's J is not theirs.
         return f"LoRA variant {type(module.lora_variant[adapter]).__name__}"
     a, b = module.lora_A[adapter], module.lora_B[adapter]
-    if isinstance(module, lora_layer.Linear) and isinstance(a, nn.Linear) and isinstance(b, nn.Linear):
+    if isinstance(module, (lora_layer.Linear, *_quantized_linear_types())) and isinstance(a, nn.Linear) and isinstance(b, nn.Linear):
         return None
     if isinstance(module, lora_layer.Conv2d) and isinstance(a, nn.Conv2d) and isinstance(b, nn.Conv2d):
         if b.groups != 1 or a.groups != 1 or b.kernel_size != (1, 1):

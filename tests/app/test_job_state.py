@@ -93,7 +93,7 @@ def test_auth_comes_from_flags_and_the_environment():
     from app.cli import build_parser, parse_auth
 
     assert parse_auth(["a:1"], "b:2, c:x:y") == [("a", "1"), ("b", "2"), ("c", "x:y")]
-    with pytest.raises(SystemExit, match="must look like user:password"):
+    with pytest.raises(ValueError, match="must look like user:password"):
         parse_auth(["nopassword"], None)
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.share, args.workspace) == ("127.0.0.1", 7860, False, "./adaprelora-workspace")

@@ -138,4 +138,21 @@ def test_errors_are_one_line_without_debug(tmp_path, tiny_pipeline_dir):
     args = [sys.executable, "train_dreambooth.py", "--pretrained_model_name_or_path", str(tmp_path / "no" / "such" / "model"),
             "--output_dir", str(tmp_path / "o")]
     done = subprocess.run(args, cwd=ROOT, env=env_for(tiny_pipeline_dir), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+    # a wrong model path is bad input, refused before training: exit 2 (engine/command.py), as in every command
+    assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_diverging_lr_on_the_demo_model_ends_with_an_error_naming_it(tmp_path, tiny_pipeline_dir):
+    """lr 100 on the embedded demo model: AdaPreLoRA's factors collapse (B·A = 0), the divergence check
+    (engine/divergence.py) stops the run at its first verdict (step 200) instead of reporting "done"."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "train_dreambooth.py", "--learning_rate", "100", "--max_train_steps", "230",
+                           "--checkpointing_steps", "150", "--num_validation_images", "0", "--report_to", "none",
+                           "--output_dir", str(out)], cwd=ROOT, env=env_for(tiny_pipeline_dir), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged by step 200") and "--learning_rate 100 is too high: try 10" in last
+    assert "Traceback" not in done.stderr and not (out / "pytorch_lora_weights.safetensors").exists()
+    assert [p.name for p in out.glob("*checkpoint-*")] == ["diverged-checkpoint-150"]  # latest finds none

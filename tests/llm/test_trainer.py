@@ -1,5 +1,6 @@
 """AdaPreLoRA in transformers' Trainer: the plain path, AdaPreLoRATrainer, and the traps it handles."""
 
+import re
 import warnings
 
 import pytest
@@ -206,19 +207,32 @@ def test_a_fused_kernel_that_bypasses_the_hooks_falls_back_to_tangent_with_a_war
 
 
 def test_sharded_training_and_a_second_optimizer_choice_are_refused(tmp_path, tiny_llama_dir, monkeypatch):
+    from types import SimpleNamespace
+
     model = peft_llama(tiny_llama_dir)
     with pytest.raises(ValueError, match="args.optim='adafactor' would be ignored.*--optimizer"):
         AdaPreLoRATrainer(model=model, args=targs(tmp_path, optim="adafactor"))
     with pytest.raises(ValueError, match="unknown optimizer_name 'adam'"):
         AdaPreLoRATrainer(model=model, args=targs(tmp_path), optimizer_name="adam")
     trainer = AdaPreLoRATrainer(model=model, args=targs(tmp_path))
-    for flag, name in (("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")):
-        monkeypatch.setattr(trainer, flag, True)
-        with pytest.raises(ValueError, match=f"{name} is not supported with optimizer 'adaprelora'.*DDP"):
-            trainer._check_supported()
-        monkeypatch.setattr(trainer, flag, False)
-    trainer.optimizer_name = "adamw"
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO gives the optimizer flat per-rank partitions.*FSDP2.*adamw"):
+        trainer._check_supported()
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", False)
     monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    plugin = SimpleNamespace(fsdp_version=1, ignored_modules=None)
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", plugin, raising=False)
+    with pytest.raises(ValueError, match="FSDP version 1 with --optimizer adaprelora.*version.: 2"):
+        trainer._check_supported()
+    plugin.fsdp_version = 2  # FSDP2: the trainable parameters are left out of FSDP, by module name
+    trainer._check_supported()
+    kept = [name for name, module in model.named_modules() if re.fullmatch(plugin.ignored_modules, name)]
+    assert len(kept) == 28 and all(name.endswith(("lora_A.default", "lora_B.default")) for name in kept)
+    assert {id(p) for p in trainer._replicated} == {id(p) for p in model.parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="--resume_from_checkpoint under FSDP2 .* not supported yet"):
+        trainer.train(resume_from_checkpoint=str(tmp_path))
+    trainer.optimizer_name = "adamw"
+    plugin.fsdp_version = 1
     trainer._check_supported()  # a plain optimizer is transformers' business
 
 

@@ -62,3 +62,30 @@ def save_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+PRETRAIN_TEXT = ("the cat is big and the dog is small . the bird is fast and the fish is slow . "
+                 "one plus two equals three . the sun is red and the sky is blue . ")
+
+
+def save_pretrained_tiny_model(folder: Path, steps: int = 150, seed: int = 0) -> Path:
+    """The tiny Llama trained (all weights, AdamW) on a few fixed sentences: a base model whose loss is
+    well below uniform, so a diverged adapter shows as a loss far above it. About 3 s on one CPU core."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model(Path(folder), "llama", seed)
+    tok = build_tokenizer()
+    ids = torch.tensor(tok(PRETRAIN_TEXT * 4).input_ids)
+    windows = ids.unfold(0, 24, 4)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(steps):
+            batch = windows[torch.randint(len(windows), (8,))]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.save_pretrained(folder)
+    return folder
