@@ -27,7 +27,7 @@ DEFAULT_OUTPUT_DIR = "adaprelora-llm-output"
 
 #: the default --learning_rate of each command, from `python benchmarks/llm_lr_sweep.py` (docs/llm.md has the table);
 #: the one place to change after a rerun
-DEFAULT_LEARNING_RATE = {"sft": 3e-3, "classify": 3e-3}
+DEFAULT_LEARNING_RATE = {"sft": 1e-2, "classify": 1e-2}
 
 
 @dataclass

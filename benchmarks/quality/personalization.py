@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adaprelora_diffusion.optim.settings import ADAPRELORA_SETTINGS
 from adaprelora_diffusion.demo import demo_subject, scenes
 from adaprelora_diffusion.demo.descriptor import DEMO_INSTANCE_PROMPT, DEMO_SUBJECT_DIR
 from adaprelora_diffusion.dreambooth.config import TrainConfig
@@ -59,12 +60,9 @@ COLOR_RADIUS = 45.0
 PRESENT_SHARE = 0.35
 CLASS_PROMPT = "a photo of a robot"
 
-#: harness Config.kwargs -> TrainConfig fields (the trainer's flags), for the AdaPreLoRA variants.
-_KWARG_FIELDS = {
-    "stats": "adaprelora_stats", "balance": "adaprelora_balance", "damping": "adaprelora_damping",
-    "clip_threshold": "adaprelora_clip_threshold", "momentum": "adaprelora_momentum", "eps": "adaprelora_eps",
-    "beta2_decay": "adaprelora_beta2_decay", "scale_parameter": "adaprelora_scale_parameter",
-}
+#: harness Config.kwargs -> TrainConfig fields (the trainer's flags), for the AdaPreLoRA variants: every
+#: AdaPreLoRA argument its one settings table maps from a flag (betas, two flags, is handled apart).
+_KWARG_FIELDS = {s.keyword: s.flag for s in ADAPRELORA_SETTINGS if s.index is None}
 
 
 def signature_coverage(image) -> dict[str, tuple[float, float]]:
