@@ -215,8 +215,9 @@ def _t4(quick: bool, log, args):
 
     try:
         if quick:
-            return MiniLMRoles(steps=12, batch=4, eval_every=4, n_eval=32, n_probe=64, log=log)
-        return MiniLMRoles(log=log)
+            return MiniLMRoles(steps=12, batch=4, eval_every=4, n_eval=32, n_probe=64, log=log,
+                               head_lr=getattr(args, "t4_head_lr", None))
+        return MiniLMRoles(log=log, head_lr=getattr(args, "t4_head_lr", None))
     except MiniLMUnavailable as err:
         log(f"skipping T4: {err}")
         return None
@@ -410,6 +411,9 @@ def main(argv=None):
                         help=f"default: all but the opt-in {sorted(OPT_IN)}")
     parser.add_argument("--t3-pipeline", type=Path, default=None,
                         help="T3's base pipeline folder (default: the shipped pretrained tiny pipeline, adaprelora_diffusion/demo/assets/tiny-sd-scenes)")
+    parser.add_argument("--t4-head-lr", type=float, default=None,
+                        help="the fixed AdamW lr of T4's classifier head in every arm (default: the tuned HEAD_LR, "
+                             "benchmarks/quality/t4_minilm.py)")
     parser.add_argument("--optimizers", nargs="+", choices=list(CONFIGS), help="config labels (default: all; --quick: a few)")
     parser.add_argument("--seeds", type=int, help="seeds per lr (default 3; --quick: 1)")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="one lr grid for every config (overrides family grids)")

