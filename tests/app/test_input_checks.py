@@ -28,8 +28,8 @@ def test_presets_scale_the_models_recommended_steps_and_lr(tiny_model_dir):
     real = preset_values("person", {})
     assert (real["max_train_steps"], real["learning_rate"], real["with_prior_preservation"], real["train_text_encoder"]) == \
         (800, 5e-5, True, True)
-    demo = parse_settings({"preset": "style"}, [tiny_model_dir])  # the embedded model recommends 400 steps at 1e-3
-    assert demo.train["max_train_steps"] == 800 and demo.train["learning_rate"] == 1e-3
+    demo = parse_settings({"preset": "style"}, [tiny_model_dir])  # the embedded model recommends 400 steps at 3e-3
+    assert demo.train["max_train_steps"] == 800 and demo.train["learning_rate"] == 3e-3
     assert demo.train["instance_prompt"] == "an image in the style of sks"
     person = parse_settings({"preset": "person"}, [tiny_model_dir])
     assert person.train["class_prompt"] == "a photo of a person" and person.train["with_prior_preservation"]
