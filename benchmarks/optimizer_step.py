@@ -64,6 +64,7 @@ from benchmarks.reference_configs import sd15_attention_projection_shapes  # noq
 CONFIGS = {
     "adamw": ("adamw", {"foreach": True}),
     "adaprelora": ("adaprelora", {}),  # the optimizer's own defaults
+    "adaprelora[v2]": ("adaprelora", {"step_bound": None, "trust_ratio": None}),  # version 3's bounds off
     "adaprelora[exact]": ("adaprelora", {"stats": "exact"}),
     "adaprelora[sketch]": ("adaprelora", {"stats": "sketch"}),
     "adaprelora[tangent]": ("adaprelora", {"stats": "tangent"}),
