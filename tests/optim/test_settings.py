@@ -72,6 +72,11 @@ def test_the_dreambooth_llm_and_app_checks_are_the_same_rule():
     assert TrainConfig(adaprelora_clip_threshold=0).optimizer_settings()["adaprelora_clip_threshold"] is None
     assert AdaPreLoRASettings(clip_threshold=0.0, beta2_decay=0).clip_threshold is None
     assert normalized({"adaprelora_beta2_decay": 0, "other": 0}) == {"adaprelora_beta2_decay": None, "other": 0}
+    switchable = [s for s in ADAPRELORA_SETTINGS if s.off is not None]
+    assert {"clip_threshold", "step_bound", "trust_ratio"} <= {s.name for s in switchable}
+    for s in switchable:  # e.g. --adaprelora_step_bound 0 --adaprelora_trust_ratio 0: version 2's rule
+        assert getattr(parse_config([f"--{s.flag}", "0"]), s.flag) is None, s.flag
+        assert getattr(AdaPreLoRASettings(**{s.name: 0.0}), s.name) is None, s.name
 
 
 def test_one_learning_rate_rule_for_the_optimizers_and_both_trainers():
