@@ -102,8 +102,8 @@ class TrainConfig:
     train_text_encoder: bool = _help("also train LoRA on the text encoder", default=False)
     # optimization
     optimizer: str = _help(f"one of: {', '.join(OPTIMIZERS)}", default="adaprelora")
-    learning_rate: float | None = _help("learning rate (AdaPreLoRA: on W, as Adam's on a full weight; default 1e-4, "
-                                        "3e-3 with the tiny pretrained model)", default=None)
+    learning_rate: float | None = _help("learning rate (AdaPreLoRA: on W, as Adam's on a full weight; default 1e-4, or "
+                                        "the recommended lr of a model that names one, as the embedded demo model does)", default=None)
     text_encoder_lr: float | None = _help("learning rate of the text encoder LoRA (default: learning_rate)", default=None)
     scale_lr: bool = _help("multiply lr by accumulation x batch size x processes", default=False)
     adam_beta1: float = _help("Adam's first-moment decay (AdamW; AdaPreLoRA: of its AdamW group)", default=0.9)

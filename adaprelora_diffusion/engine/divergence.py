@@ -5,11 +5,12 @@ AdaPreLoRA's update clip keeps every step finite: at lr 100 on the demo diffusio
 factors swing and collapse to B·A = 0 (an adapter that does nothing, a state training cannot
 leave), and under version 2's rule at lr 10 a small LM's loss jumped and never got below the
 base model's again; both runs used to end with "done". (Version 3's bounds soften the LM case:
-on the tests' tiny LM, base loss 2.9, lr 10 ends at 1.7-1.9 and lr 1000 near 2.9, an adapter
-no worse than none, so the check stays quiet; lr 1e6 still fires, and lr 0.01 reaches 0.62.) A raw training loss is too noisy to tell (a diffusion loss
-moves 10-50x between timesteps), so the check compares *paired* losses: every `every` optimizer
-steps the trainer evaluates one micro-batch twice, with the adapter and with it switched off
-(the base model), on the same inputs and noise, without gradients.
+on the tests' tiny LM, base loss 2.9, lr 10 ends at 1.7-1.9 and lr 1000 near 2.9, an adapter no
+worse than none, so the check stays quiet; lr 1e6 still fires, and lr 0.01 reaches 0.62.) A raw
+training loss is too noisy to tell (a diffusion loss moves 10-50x between timesteps), so the
+check compares *paired* losses: every `every` optimizer steps the trainer evaluates one
+micro-batch twice, with the adapter and with it switched off (the base model), on the same
+inputs and noise, without gradients.
 
 The rule: from step `grace` + 1 on (a young adapter may hurt before it helps: the demo run at lr
 1e-3 under AdaPreLoRA version 2 had single checks at 4.6x the base model's in its first 75
@@ -23,11 +24,10 @@ steps), over the last `checks` checks,
 Measured (checks every 25 steps from step 100, 5 checks, factor 1.25): the README's demo run
 (400 steps at the demo model's lr 3e-3, version 3) never fires, whichever steps the checks land
 on (checked at every 5th step, all phases: worst window 0.57x); the tiny LLM of the tests at lr
-1e-3 and 1e-2 sits at 0.3-0.6. DreamBooth at
-lr 100 sits at exactly 1 (a collapsed adapter) and the tiny LLM at lr 1e6 near 2. Five checks,
-because at low noise levels a diffusion loss is mostly noise: with 3 checks and factor 1.1, 16%
-of simulated healthy 400-step runs fired (tests/engine/test_divergence.py), with these 0.2%.
-The first verdict comes at step 200.
+1e-3 and 1e-2 sits at 0.3-0.6. DreamBooth at lr 100 sits at exactly 1 (a collapsed adapter) and
+the tiny LLM at lr 1e6 near 2. Five checks, because at low noise levels a diffusion loss is
+mostly noise: with 3 checks and factor 1.1, 16% of simulated healthy 400-step runs fired
+(tests/engine/test_divergence.py), with these 0.2%. The first verdict comes at step 200.
 
 When it fires, checkpoints that may hold diverged weights (from the last passing check on) are
 renamed ``diverged-checkpoint-N``, so ``--resume_from_checkpoint latest`` finds the last good
