@@ -131,7 +131,7 @@ def _advanced_defaults(preset: str, model: str, model_dirs) -> tuple:
     note = (f"**Base model:** {family}. The {preset} preset trains it at **{resolution} px** for **{values['max_train_steps']} "
             f"steps** at learning rate **{values['learning_rate']:g}** (its recommended values; change them under "
             f"Advanced). Photos are checked against {resolution} px.")
-    return (values["learning_rate"], values["max_train_steps"], resolution, values["rank"], None, note)
+    return (values["learning_rate"], values["max_train_steps"], resolution, values["rank"], 0, note)
 
 
 def adaprelora_inputs() -> list[gr.components.Component]:
@@ -221,16 +221,21 @@ def build_ui(service: JobService) -> gr.Blocks:
                     model = gr.Dropdown(choices=model_choices(model_dirs), value=DEFAULT_MODEL, allow_custom_value=True,
                                         label="Base model", info="a local model, or a Hub id owner/name (online only)",
                                         elem_id="model-select")
-                model_note = gr.Markdown(elem_id="model-note")
+                # The advanced fields start at the default model's values, set here rather than by a page-load
+                # event: a late load event would overwrite what a person typed before it arrived.
+                initial = dict(zip(("lr", "steps", "resolution", "rank", "ckpt", "note"),
+                                   _advanced_defaults(preset.value, model.value, model_dirs)))
+                initial = {k: None if isinstance(v, dict) else v for k, v in initial.items()}  # gr.skip(): no value
+                model_note = gr.Markdown(initial["note"], elem_id="model-note")
                 with gr.Accordion("Advanced (the trainer's flags)", open=False):
                     with gr.Row():
                         optimizer = gr.Dropdown(list(OPTIMIZERS), value="adaprelora", label="Optimizer")
-                        lr = gr.Number(label="Learning rate")
-                        steps = gr.Number(label="Steps", precision=0)
-                        resolution = gr.Number(label="Resolution", precision=0)
+                        lr = gr.Number(initial["lr"], label="Learning rate")
+                        steps = gr.Number(initial["steps"], label="Steps", precision=0)
+                        resolution = gr.Number(initial["resolution"], label="Resolution", precision=0)
                     with gr.Row():
-                        rank = gr.Number(label="LoRA rank", precision=0)
-                        ckpt_every = gr.Number(label="Checkpoint every N steps (empty: 4 per run)", precision=0)
+                        rank = gr.Number(initial["rank"], label="LoRA rank", precision=0)
+                        ckpt_every = gr.Number(initial["ckpt"], label="Checkpoint every N steps (0: 4 per run)", precision=0)
                         seed = gr.Number(0, label="Seed", precision=0)
                         step0 = gr.Checkbox(not device_defaults().get("skip_initial_validation", False),
                                             label="Samples before training (step 0)",
@@ -323,7 +328,7 @@ def build_ui(service: JobService) -> gr.Blocks:
                 settings["name"] = values[name]
             for key, field in (("learning_rate", lr), ("max_train_steps", steps), ("resolution", resolution),
                                ("rank", rank), ("checkpointing_steps", ckpt_every), ("seed", seed)):
-                if values[field] not in (None, ""):
+                if values[field] not in (None, "") and not (field is ckpt_every and values[field] == 0):
                     settings[key] = values[field]
             settings["skip_initial_validation"] = not values[step0]
             if values[optimizer] == "adaprelora":
@@ -393,7 +398,6 @@ def build_ui(service: JobService) -> gr.Blocks:
         advanced = [lr, steps, resolution, rank, ckpt_every, model_note]
         for trigger_ in (preset.change, model.change):
             trigger_(fill_advanced, [preset, model], advanced, **PRIVATE)
-        demo.load(fill_advanced, [preset, model], advanced, **PRIVATE)
         optimizer.change(lambda o: gr.Accordion(visible=o == "adaprelora"), [optimizer], [adaprelora_box], **PRIVATE)
         preset.change(lambda p: "person" if p == "person" else gr.skip(), [preset], [class_word], **PRIVATE)
         page_inputs = {photos, captions, preset, model, trigger, class_word, name, optimizer, lr, steps, resolution, rank,

@@ -95,9 +95,10 @@ def tiny_model_dir(tiny_pipeline_dir) -> Path:
 
 
 @pytest.fixture
-def launch(tmp_path, tiny_model_dir):
+def launch(tmp_path, tiny_model_dir, request):
     """launch(*args) -> a started RunningApp in this test's own workspace; all stopped at the end."""
     started: list[RunningApp] = []
+    request.node.running_apps = started
 
     def _launch(*args: str, workspace: Path | None = None, env: dict | None = None) -> RunningApp:
         app = RunningApp(workspace or tmp_path / "workspace", tiny_model_dir, *args, env=env)
@@ -145,7 +146,7 @@ def shared_hold(tmp_path_factory) -> Hold:
 
 
 @pytest.fixture(scope="session")
-def shared_app(tmp_path_factory, tiny_model_dir, shared_hold):
+def shared_app_process(tmp_path_factory, tiny_model_dir, shared_hold):
     """One app for the tests that need no login and no restart (jobs queue one after another)."""
     root = tmp_path_factory.mktemp("shared")
     app = RunningApp(root / "workspace", tiny_model_dir, "--max-file-mb", "2", "--max-upload-mb", "5",
@@ -153,6 +154,52 @@ def shared_app(tmp_path_factory, tiny_model_dir, shared_hold):
     yield app
     app.kill()
     kill_workers(app.workspace)
+
+
+@pytest.fixture
+def shared_app(shared_app_process, shared_hold, request):
+    """The shared app, idle when the test ends: a job a failed test left behind (or held: holds name every
+    job) must not hold up the next test's jobs, so each test's failure stays its own."""
+    request.node.running_apps = [shared_app_process]
+    yield shared_app_process
+    shared_hold.release()
+    if not wait_idle(shared_app_process.workspace, timeout=240):
+        kill_workers(shared_app_process.workspace)
+        wait_idle(shared_app_process.workspace, timeout=30)
+
+
+def wait_idle(workspace: Path, timeout: float) -> bool:
+    """True once no job of the workspace is queued or running (within ``timeout`` seconds)."""
+    from app.jobs import read_state as job_state
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = {job_state(d).get("state") for d in (workspace / "jobs").glob("*") if d.is_dir()}
+        if not states & {"queued", "running"}:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def logs_of(app: RunningApp, chars: int = 3000) -> str:
+    """The app's log and each job's state and log, ends only: what a failed app test needs to be understood."""
+    parts = [f"--- app log {app.log}\n{app.log.read_text(errors='replace')[-chars:] if app.log.is_file() else '(none)'}"]
+    for job_dir in sorted((app.workspace / "jobs").glob("*")):
+        for name in ("state.json", "log.txt"):
+            path = job_dir / name
+            if path.is_file():
+                parts.append(f"--- {job_dir.name}/{name}\n{path.read_text(errors='replace')[-chars:]}")
+    return "\n".join(parts)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that ran an app gets the app's and its workers' logs in its report (CI keeps nothing else)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and report.when == "call":
+        for app in getattr(item, "running_apps", []):
+            report.sections.append(("app and worker logs", logs_of(app)))
 
 
 def demo_images() -> list[Path]:

@@ -155,3 +155,23 @@ def test_refresh_lists_models_added_since_the_start_and_picking_one_says_what_it
         assert "an SDXL model" in note and "**1024 px** for **500 steps**" in note and "checked against 1024 px" in note
     finally:
         shutil.rmtree(added)
+
+
+def test_the_advanced_fields_start_at_the_default_models_values_and_no_page_event_overwrites_them(service):
+    """A value typed into Steps before a page-load event returned was lost (the event wrote the defaults over
+    it): the defaults are the fields' own initial values, and no load event writes to a field a person edits."""
+    from adaprelora_diffusion.dreambooth.model_loading import model_defaults, resolve_model_source
+    from app.models import DEFAULT_MODEL, resolve_model
+    from app.presets import preset_values
+    from app.ui import build_ui
+
+    demo = build_ui(service)
+    by_label = {getattr(b, "label", None): b for b in demo.blocks.values()}
+    source = resolve_model_source(resolve_model(DEFAULT_MODEL, service.model_dirs))[1]
+    values = preset_values("object", model_defaults(source, sdxl=False))
+    assert by_label["Steps"].value == values["max_train_steps"] and by_label["Learning rate"].value == values["learning_rate"]
+    assert by_label["LoRA rank"].value == values["rank"] and by_label["Resolution"].value > 0
+    editable = {id(b) for b in demo.blocks.values() if getattr(b, "interactive", None) is not False and getattr(b, "label", None)}
+    for fn in demo.fns.values():
+        if any(event == "load" for _, event in fn.targets):
+            assert not [o.label for o in fn.outputs if id(o) in editable and isinstance(o, (gr.Number, gr.Textbox))], fn.name
