@@ -115,15 +115,16 @@ def _job_choices(service: JobService, user: str) -> list[tuple[str, str]]:
     return [(f"{j['name']} · {j['state']} · {j['job_id']}", j["job_id"]) for j in service.list_jobs(user)]
 
 
-def _advanced_defaults(preset: str, model: str, model_dirs) -> tuple:
+def _advanced_defaults(preset: str, model: str, model_dirs, unknown: Any = None) -> tuple:
     """The values a preset gives the advanced fields for this model (shown, so nothing is hidden), and a
-    sentence saying what they are and why."""
+    sentence saying what they are and why. A model that cannot be resolved gives ``unknown`` for every
+    field (an event handler passes ``gr.skip()``: leave what the fields show) and says why."""
     try:
         resolved = resolve_model(model, model_dirs)
         source = resolve_model_source(resolved)[1]
         sdxl = source_is_sdxl(resolved)
     except (AppError, ValueError) as err:
-        return (*(gr.skip(),) * 5, f"**Base model:** {err}")
+        return (*(unknown,) * 5, f"**Base model:** {err}")
     recommended = model_defaults(source, sdxl=sdxl)
     values = preset_values(preset, recommended)
     resolution = recommended.get("resolution", REAL_DEFAULTS["resolution"])
@@ -225,7 +226,6 @@ def build_ui(service: JobService) -> gr.Blocks:
                 # event: a late load event would overwrite what a person typed before it arrived.
                 initial = dict(zip(("lr", "steps", "resolution", "rank", "ckpt", "note"),
                                    _advanced_defaults(preset.value, model.value, model_dirs)))
-                initial = {k: None if isinstance(v, dict) else v for k, v in initial.items()}  # gr.skip(): no value
                 model_note = gr.Markdown(initial["note"], elem_id="model-note")
                 with gr.Accordion("Advanced (the trainer's flags)", open=False):
                     with gr.Row():
@@ -317,7 +317,7 @@ def build_ui(service: JobService) -> gr.Blocks:
             return [[n, suggest_caption(str(p), default)] for n, p in _files(files)]
 
         def fill_advanced(preset_name, model_value):
-            return _advanced_defaults(preset_name, model_value, model_dirs)
+            return _advanced_defaults(preset_name, model_value, model_dirs, unknown=gr.skip())
 
         @_handled(service, "Creating the job")
         def create_from_page(values: dict, request: gr.Request):
@@ -326,9 +326,11 @@ def build_ui(service: JobService) -> gr.Blocks:
                                         "optimizer": values[optimizer]}
             if values[name]:
                 settings["name"] = values[name]
-            for key, field in (("learning_rate", lr), ("max_train_steps", steps), ("resolution", resolution),
-                               ("rank", rank), ("checkpointing_steps", ckpt_every), ("seed", seed)):
-                if values[field] not in (None, "") and not (field is ckpt_every and values[field] == 0):
+            # a field left at one of its "unset" values leaves the setting to the preset and the model
+            for key, field, unset in (("learning_rate", lr, (None, "")), ("max_train_steps", steps, (None, "")),
+                                      ("resolution", resolution, (None, "")), ("rank", rank, (None, "")),
+                                      ("checkpointing_steps", ckpt_every, (None, "", 0)), ("seed", seed, (None, ""))):
+                if values[field] not in unset:
                     settings[key] = values[field]
             settings["skip_initial_validation"] = not values[step0]
             if values[optimizer] == "adaprelora":

@@ -213,11 +213,11 @@ def _t3_prior(quick: bool, log, args):
 def _t4(quick: bool, log, args):
     from benchmarks.quality.t4_minilm import MiniLMRoles, MiniLMUnavailable
 
+    head_lr = getattr(args, "t4_head_lr", None)
     try:
         if quick:
-            return MiniLMRoles(steps=12, batch=4, eval_every=4, n_eval=32, n_probe=64, log=log,
-                               head_lr=getattr(args, "t4_head_lr", None))
-        return MiniLMRoles(log=log, head_lr=getattr(args, "t4_head_lr", None))
+            return MiniLMRoles(steps=12, batch=4, eval_every=4, n_eval=32, n_probe=64, log=log, head_lr=head_lr)
+        return MiniLMRoles(log=log, head_lr=head_lr)
     except MiniLMUnavailable as err:
         log(f"skipping T4: {err}")
         return None
